@@ -1,0 +1,1 @@
+"""The equivariance toolbox: transformations, identity checks and curvature. Plain PyTorch only."""

@@ -1,0 +1,1 @@
+"""Curvature engine: exact Hessian-vector products and spectral methods over named parameters."""
