@@ -1,0 +1,39 @@
+"""Checkpoint files: the model's state dict as safetensors plus the metrics measured at that step."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step={step:06d}"
+
+
+def save(directory: str | Path, model: torch.nn.Module, metrics: dict) -> None:
+    d = Path(directory)
+    # clone: safetensors refuses tensors that share storage (tied weights, views).
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, d / WEIGHTS)
+    (d / METRICS).write_text(json.dumps(metrics))
+
+
+def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(directory) / WEIGHTS)
+
+
+def load_metrics(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / METRICS).read_text())
+
+
+def list_steps(run_dir: str | Path) -> dict[int, Path]:
+    """Completed checkpoints (weights and metrics both present) under a run's storage folder."""
+    out = {}
+    for d in Path(run_dir).glob("step=*"):
+        if (d / WEIGHTS).exists() and (d / METRICS).exists():
+            out[int(d.name.split("=")[1])] = d
+    return dict(sorted(out.items()))

@@ -1,0 +1,153 @@
+"""One study end to end: train → checkpoints → sharded spectra → identity checks → Parquet tables.
+
+Each stage writes its rows per (run, step) key and skips keys already written, so an interrupted
+study resumes where it stopped without losing or duplicating rows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+
+from pipeline import checkpoint as ckpt
+from pipeline import store
+from pipeline.cluster import connect
+from pipeline.identities import identity_rows
+from pipeline.spectra import ShardedHessian, spectrum_rows
+from pipeline.study import RunSpec, Study
+from pipeline.train import train_run
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    family: str
+    final_loss: float = float("nan")
+    final_test_acc: float = float("nan")
+    top_eigenvalues: list[tuple[int, float]] = field(default_factory=list)
+    identities: dict[str, tuple[int, int, bool]] = field(default_factory=dict)  # family -> (held, total, control)
+
+
+def _n_params(spec: RunSpec) -> tuple[int, int, int]:
+    from models import build_task
+
+    task = build_task(spec.family, spec.model, seed=spec.seed)
+    return sum(p.numel() for p in task.model.parameters()), len(task.train[1]), len(task.test[1])
+
+
+def _stage_train(study: Study, spec: RunSpec, results: Path, log) -> dict[int, Path]:
+    storage = results / "checkpoints"
+    steps = ckpt.list_steps(storage / spec.run_id)
+    done = set(spec.checkpoint_steps) <= set(steps) and all(
+        store.has_rows(results, "checkpoints", spec.run_id, s) for s in spec.checkpoint_steps)
+    if done:
+        log(f"[train] {spec.run_id}: all {len(spec.checkpoint_steps)} checkpoints present, skipping")
+        return {s: steps[s] for s in spec.checkpoint_steps}
+    cpus = min(1.0, study.num_cpus / spec.train_workers)
+    steps = train_run(spec, storage, cpus_per_worker=cpus, log=log)
+    for s in spec.checkpoint_steps:
+        m = ckpt.load_metrics(steps[s])
+        row = {k: m[k] for k in ("train_loss", "test_loss", "train_acc", "test_acc", "param_norm", "grad_norm")}
+        store.write_rows(results, "checkpoints", spec.run_id, s, [{**row, "checkpoint_uri": str(steps[s])}],
+                         study.name, study.hash)
+    return {s: steps[s] for s in spec.checkpoint_steps}
+
+
+def _stage_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], results: Path, log) -> None:
+    todo = [s for s in steps if not store.has_rows(results, "spectra", spec.run_id, s)]
+    if not todo:
+        log(f"[spectra] {spec.run_id}: all checkpoints done, skipping")
+        return
+    sp = study.spectra
+    pool = ShardedHessian(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch, sp.workers,
+                          sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
+    try:
+        for s in todo:
+            rows, tri = spectrum_rows(pool, ckpt.load_state(steps[s]), sp.top_k, sp.tol, sp.max_iter,
+                                      seed=study.seed)
+            store.write_rows(results, "lanczos", spec.run_id, s, [tri], study.name, study.hash)
+            store.write_rows(results, "spectra", spec.run_id, s, rows, study.name, study.hash)
+            lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
+            log(f"[spectra] {spec.run_id}: step {s}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
+                f"on {sp.workers} actors ({rows[0]['seconds']:.1f}s)")
+    finally:
+        pool.shutdown()
+
+
+def _stage_identities(study: Study, spec: RunSpec, steps: dict[int, Path], results: Path, log) -> None:
+    todo = [s for s in steps if not store.has_rows(results, "identities", spec.run_id, s)]
+    if not todo:
+        log(f"[identities] {spec.run_id}: all checkpoints done, skipping")
+        return
+    remote = ray.remote(num_cpus=1)(identity_rows)
+    ident = asdict(study.identities)
+    pending = {remote.remote(asdict(spec), str(steps[s]), ident): s for s in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        s = pending.pop(ready[0])
+        rows = ray.get(ready[0])
+        store.write_rows(results, "identities", spec.run_id, s, rows, study.name, study.hash)
+        held = sum(r["holds"] != r["control"] for r in rows)
+        log(f"[identities] {spec.run_id}: step {s}: {held}/{len(rows)} checks as predicted")
+
+
+def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
+              log=print) -> list[RunSummary]:
+    results = Path(results).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log(f"eqlab: study {study.name!r} ({study.source}), {len(study.runs)} runs -> {results}")
+    resources = connect(study.num_cpus, address=address, dashboard=dashboard)
+    log(f"[ray] cluster ready: {resources.get('CPU', 0):g} CPUs ({time.time() - t0:.1f}s)")
+    for i, spec in enumerate(study.runs, 1):
+        log(f"== run {i}/{len(study.runs)}: {spec.run_id}")
+        n_params, n_train, n_test = _n_params(spec)
+        store.write_rows(results, "runs", spec.run_id, store.RUN_LEVEL, [{
+            "family": spec.family, "optimizer": spec.optimizer, "lr": spec.lr, "weight_decay": spec.weight_decay,
+            "steps": spec.steps, "seed": spec.seed, "n_params": n_params, "n_train": n_train, "n_test": n_test,
+            "train_workers": spec.train_workers, "config_json": json.dumps(asdict(spec)),
+            "created_at": datetime.now(timezone.utc)}], study.name, study.hash)
+        steps = _stage_train(study, spec, results, log)
+        _stage_spectra(study, spec, steps, results, log)
+        _stage_identities(study, spec, steps, results, log)
+    log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
+    return summarize(results, study)
+
+
+def summarize(results: Path, study: Study) -> list[RunSummary]:
+    from pipeline.query import run_query
+
+    out = []
+    for spec in study.runs:
+        rs = RunSummary(spec.run_id, spec.family)
+        _, last = run_query(results, f"select train_loss, test_acc from checkpoints where run_id = '{spec.run_id}' "
+                                     "order by step desc limit 1")
+        if last:
+            rs.final_loss, rs.final_test_acc = last[0]
+        _, rs.top_eigenvalues = run_query(
+            results, f"select step, eigenvalue from spectra where run_id = '{spec.run_id}' and rank = 0 "
+                     "and which = 'LA' order by step")
+        _, fams = run_query(
+            results, f"select family, sum(case when holds then 1 else 0 end), count(*), bool_or(control) "
+                     f"from identities where run_id = '{spec.run_id}' group by family order by family")
+        rs.identities = {f: (int(h), int(n), bool(c)) for f, h, n, c in fams}
+        out.append(rs)
+    return out
+
+
+def print_summary(summary: list[RunSummary]) -> None:
+    print("\n=== summary ===")
+    for rs in summary:
+        traj = "  ".join(f"{s}:{v:.3g}" for s, v in rs.top_eigenvalues)
+        print(f"{rs.run_id} ({rs.family}): final train loss {rs.final_loss:.4f}, test acc {rs.final_test_acc:.3f}")
+        print(f"  top Hessian eigenvalue by step: {traj}")
+        for fam, (held, total, control) in rs.identities.items():
+            if control:
+                verdict = "rejected, as a negative control must be" if held == 0 else f"CONTROL HELD {held}/{total}"
+            else:
+                verdict = "held at every checkpoint" if held == total else f"held {held}/{total}"
+            print(f"  {fam:<28} {verdict} ({total} checks)")

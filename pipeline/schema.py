@@ -1,0 +1,74 @@
+"""The result tables' Arrow schemas. Documented for users in results/README.md.
+
+Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERSION when adding.
+"""
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Columns every row carries: the row key (study, run_id, step) and the schema version.
+_KEY = [
+    ("schema_version", pa.int32()),
+    ("study", pa.string()),
+    ("run_id", pa.string()),
+    ("step", pa.int64()),
+]
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": pa.schema(_KEY + [
+        ("family", pa.string()),
+        ("optimizer", pa.string()),
+        ("lr", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("steps", pa.int64()),
+        ("seed", pa.int64()),
+        ("n_params", pa.int64()),
+        ("n_train", pa.int64()),
+        ("n_test", pa.int64()),
+        ("train_workers", pa.int64()),
+        ("config_json", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]),
+    "checkpoints": pa.schema(_KEY + [
+        ("train_loss", pa.float64()),
+        ("test_loss", pa.float64()),
+        ("train_acc", pa.float64()),
+        ("test_acc", pa.float64()),
+        ("param_norm", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("checkpoint_uri", pa.string()),
+    ]),
+    "spectra": pa.schema(_KEY + [
+        ("which", pa.string()),          # LA (largest algebraic) or SA (smallest)
+        ("rank", pa.int32()),            # 0 = largest for LA, smallest for SA
+        ("eigenvalue", pa.float64()),
+        ("residual", pa.float64()),      # true ||Hv - lambda v|| with ||v|| = 1
+        ("converged", pa.bool_()),
+        ("hvps", pa.int64()),            # HVPs the whole Lanczos run used
+        ("iterations", pa.int64()),
+        ("workers", pa.int32()),
+        ("n_examples", pa.int64()),
+        ("dtype", pa.string()),
+        ("seconds", pa.float64()),
+    ]),
+    "lanczos": pa.schema(_KEY + [
+        ("which", pa.string()),
+        ("alphas", pa.list_(pa.float64())),  # the tridiagonal, so densities can be re-derived later
+        ("betas", pa.list_(pa.float64())),
+        ("hvps", pa.int64()),
+    ]),
+    "identities": pa.schema(_KEY + [
+        ("transformation", pa.string()),
+        ("family", pa.string()),
+        ("kind", pa.string()),           # continuous | discrete
+        ("order", pa.int32()),           # 0 finite element, 1 gradient, 2 Hessian
+        ("params", pa.list_(pa.string())),
+        ("n_generators", pa.int64()),
+        ("control", pa.bool_()),         # True: a negative control, expected NOT to hold
+        ("dtype", pa.string()),
+        ("residual", pa.float64()),
+        ("tolerance", pa.float64()),
+        ("holds", pa.bool_()),
+        ("hvps", pa.int64()),
+    ]),
+}

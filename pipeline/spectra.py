@@ -1,0 +1,151 @@
+"""Sharded Hessian spectra: a pool of Ray actors, each holding the model and a fixed data shard.
+
+The Hessian batch (the first ``examples`` training examples) is cut once into fixed micro-batches;
+micro-batch j always lives on actor j mod W. Each actor returns the *unnormalised* sum of its
+micro-batches' HVPs and its example count; the driver adds them in float64 and divides by the total.
+So the operator is the same for any number of workers (also with BatchNorm, which normalises per
+micro-batch), and equals the single-process `HessianOperator` over the same list of micro-batches.
+
+An actor that dies is replaced (same shard, same weights) and its product recomputed, so Lanczos
+continues with an unchanged operator.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from analyses.curvature.lanczos import lanczos
+from analyses.curvature.operator import HessianOperator
+from models import build_task
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def microbatches(batch, size: int) -> list[tuple]:
+    X, y = batch
+    return [(X[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+def hessian_batches(family: str, options: dict, seed: int, examples: int, microbatch: int, dtype) -> list[tuple]:
+    """The fixed micro-batches that define a run's Hessian (identical on driver and actors)."""
+    task = build_task(family, options, seed=seed, dtype=dtype)
+    X, y = task.train
+    return microbatches((X[:examples], y[:examples]), microbatch)
+
+
+@ray.remote
+class HessianShard:
+    """One model replica and a fixed set of micro-batches; answers unnormalised HVP sums."""
+
+    def __init__(self, family, options, seed, examples, microbatch, shard, n_shards, dtype, threads):
+        torch.set_num_threads(threads)
+        self.dtype = DTYPES[dtype]
+        self.task = build_task(family, options, seed=seed, dtype=self.dtype)
+        every = hessian_batches(family, options, seed, examples, microbatch, self.dtype)
+        self.batches = every[shard::n_shards]
+        self.method = "auto"
+        self.op = None
+
+    def load(self, state: dict) -> int:
+        self.task.model.load_state_dict(state)
+        self.task.model.train()  # the Hessian of the training objective (BN with batch statistics)
+        self.op = HessianOperator(self.task.model, self.task.loss, self.batches, method=self.method,
+                                  dtype=self.dtype)
+        self.method = self.op.method  # measured once, then reused for later checkpoints
+        return self.op.dim
+
+    def sum_matvec(self, v: np.ndarray):
+        hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
+        return hv.double().numpy(), n
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+@dataclass
+class ShardedHessian:
+    """Driver side of the pool: a float64 matvec over all shards, with actor replacement."""
+
+    family: str
+    options: dict
+    seed: int
+    examples: int
+    microbatch: int
+    workers: int
+    dtype: str = "float64"
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self):
+        self.actors = [self._spawn(i) for i in range(self.workers)]
+        self.state = None
+        self.n_hvp = 0
+        self.replaced = 0
+
+    def _spawn(self, i: int):
+        threads = max(1, int(self.cpus_per_worker))
+        return HessianShard.options(num_cpus=self.cpus_per_worker).remote(
+            self.family, self.options, self.seed, self.examples, self.microbatch, i, self.workers,
+            self.dtype, threads)
+
+    def _call(self, method: str, *args):
+        """Call ``method`` on every actor; replace any actor that died and retry its part."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        out = []
+        for i, ref in enumerate(refs):
+            for attempt in range(3):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except RayActorError:
+                    if attempt == 2:
+                        raise
+                    self.replaced += 1
+                    self.actors[i] = self._spawn(i)
+                    if self.state is not None:
+                        ray.get(self.actors[i].load.remote(self.state))
+                    ref = getattr(self.actors[i], method).remote(*args)
+        return out
+
+    def load(self, state: dict) -> int:
+        self.state = ray.put({k: v.cpu() for k, v in state.items()})
+        dims = self._call("load", self.state)
+        self.n_hvp = 0
+        return dims[0]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        ref = ray.put(v.detach().double().cpu().numpy())
+        parts = self._call("sum_matvec", ref)
+        total = np.zeros_like(parts[0][0])
+        for hv, _ in parts:
+            total += hv
+        self.n_hvp += 1
+        self.n_examples = sum(n for _, n in parts)
+        return torch.from_numpy(total / self.n_examples)
+
+    def shutdown(self):
+        for a in self.actors:
+            ray.kill(a)
+
+
+def spectrum_rows(pool: ShardedHessian, state: dict, top_k: int, tol: float, max_iter: int,
+                  seed: int = 0, which: str = "LA"):
+    """Lanczos on the pool at one checkpoint; returns (spectra rows, lanczos row)."""
+    dim = pool.load(state)
+    t0 = time.perf_counter()
+    res = lanczos(pool.matvec, dim, k=top_k, which=which, tol=tol, max_iter=max_iter, seed=seed,
+                  dtype=torch.float64)
+    seconds = time.perf_counter() - t0
+    rows = [{"which": which, "rank": i, "eigenvalue": float(lam), "residual": float(r), "converged": bool(c),
+             "hvps": int(res.n_matvec), "iterations": int(res.iterations), "workers": pool.workers,
+             "n_examples": pool.n_examples, "dtype": pool.dtype, "seconds": seconds}
+            for i, (lam, r, c) in enumerate(zip(res.eigenvalues.tolist(), list(res.residuals),
+                                                 list(res.converged)))]
+    tri = {"which": which, "alphas": [float(a) for a in res.alphas], "betas": [float(b) for b in res.betas],
+           "hvps": int(res.n_matvec)}
+    return rows, tri
