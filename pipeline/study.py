@@ -90,7 +90,7 @@ class _Fields:
         self.seen.add(key)
         if key not in self.table:
             if required:
-                raise StudyError(f"{self.where}.{key}: required field is missing")
+                raise StudyError(f"{self._name(key)}: required field is missing")
             return default
         return self.table[key]
 

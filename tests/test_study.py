@@ -1,0 +1,73 @@
+"""Study files: the default validates; every malformed field is named; the CLI exits cleanly."""
+import subprocess
+import sys
+import tomllib
+from importlib import resources
+
+import pytest
+
+from pipeline.study import StudyError, load_study, log_spaced_steps, parse_study
+
+
+def default_data():
+    return tomllib.loads(resources.files("pipeline.studies").joinpath("default.toml").read_text())
+
+
+def test_default_study_loads_and_expands():
+    study = load_study()
+    assert study.name == "default"
+    assert [r.family for r in study.runs] == ["digits_cnn", "modadd_gpt2"]
+    assert [r.optimizer for r in study.runs] == ["sgd", "adam"]
+    for r in study.runs:
+        assert r.checkpoint_steps[0] == 0 and r.checkpoint_steps[-1] == r.steps
+    assert len(study.hash) == 16 and study.hash == load_study().hash
+
+
+def test_log_spaced_schedule():
+    assert log_spaced_steps(300, 6) == (0, 2, 9, 30, 95, 300)
+    s = log_spaced_steps(10**5, 12)
+    ratios = [b / a for a, b in zip(s[2:], s[3:])]
+    assert max(ratios) / min(ratios) < 1.2  # geometric spacing
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["runs"][0].update(lr="fast"), "runs[0].lr"),
+    (lambda d: d["runs"][1].update(optimizer="adamw"), "runs[1].optimizer"),
+    (lambda d: d["runs"][0].update(family="resnet9000"), "runs[0].family"),
+    (lambda d: d["runs"][0]["model"].update(width=3), "runs[0].model.width"),
+    (lambda d: d["runs"][0].pop("steps"), "runs[0].steps"),
+    (lambda d: d["runs"][0].update(stpes=3), "runs[0].stpes"),
+    (lambda d: d["spectra"].update(top_k=0), "spectra.top_k"),
+    (lambda d: d["spectra"].update(dtype="float16"), "spectra.dtype"),
+    (lambda d: d["identities"].update(dtypes=[]), "identities.dtypes"),
+    (lambda d: d["ray"].update(num_cpus=-1), "ray.num_cpus"),
+    (lambda d: d["runs"][1].update(name="cnn"), "runs[1].name"),
+    (lambda d: d.pop("runs"), "runs"),
+])
+def test_malformed_field_is_named(mutate, field):
+    data = default_data()
+    mutate(data)
+    with pytest.raises(StudyError) as err:
+        parse_study(data)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_cli_rejects_bad_study_without_traceback_or_output(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(resources.files("pipeline.studies").joinpath("default.toml").read_text()
+                   .replace('optimizer = "sgd"', 'optimizer = "sgdd"'))
+    out_dir = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad), "--results", str(out_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["eqlab: error: runs[0].optimizer: must be one of sgd, adam (got 'sgdd')"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out_dir.exists()
+
+
+def test_cli_rejects_invalid_toml(tmp_path):
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[study\nname = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr and "Traceback" not in proc.stderr
