@@ -1,0 +1,268 @@
+"""The Hessian of a model's example-weighted mean loss over fixed batches, as a linear operator.
+
+Definition. For batches b = 1..B with n_b examples and mean losses L_b, the operator is the Hessian
+of  L = Σ_b n_b L_b / Σ_b n_b  with respect to the parameters of a `ParamSpace` (all trainable ones,
+or a block), at the parameter values the model has when the operator is built (a snapshot).
+
+Sharding contract. `sum_matvec` and `sum_gradient` return *unnormalised* float64 sums together with
+the example count, so a driver can add the results of several shards in float64 and divide once.
+
+Model preparation (on a private deep copy, so the caller's model is never touched):
+
+* The function analysed is the one the model computes *in its current mode*.
+* BatchNorm in train mode normalises with the statistics of the batch at hand (that is the function
+  being differentiated). Its running-stat update is a side effect that would (a) write a dual tensor
+  into a plain buffer under forward-mode AD and (b) change nothing we differentiate, so the copy drops
+  the running buffers (``track_running_stats=False``, buffers ``None``): batch statistics, no update.
+  Consequence: with BatchNorm, a list of batches is *not* the same as their concatenation (each batch
+  is normalised with its own statistics). BatchNorm in eval mode is a fixed affine map and is kept.
+* Active dropout (p > 0 in train mode) makes the loss random, so the Hessian is undefined: rejected.
+  Other randomness is caught by `check_deterministic`.
+* Parameters are frozen on the copy (``requires_grad=False``) so that parameters outside the block are
+  constants and build no graph; the block's values are passed in explicitly.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from analyses.curvature.functional import batch_size, loss_function, value_and_grad
+from analyses.curvature.hvp import HVP, HVPS
+from analyses.curvature.params import ParamSpace
+
+METHODS = tuple(HVP)
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of modules that would drop activations at random in the model's current mode."""
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(f"{name or '<root>'} ({type(m).__name__}, p={m.p})")
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            found.append(f"{name or '<root>'} (MultiheadAttention, dropout={m.dropout})")
+    return found
+
+
+def analysis_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A private copy of ``model`` prepared for exact, deterministic differentiation (see module doc)."""
+    dropout = active_dropout(model)
+    if dropout:
+        raise ValueError("the model has active dropout, so its loss is random and has no Hessian: "
+                         f"{dropout}; call model.eval() or set p=0")
+    model = copy.deepcopy(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _to(x, dtype, device):
+    """Move a batch (tensors, dicts, tuples) to ``device``; floating tensors also to ``dtype``."""
+    if torch.is_tensor(x):
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    if isinstance(x, Mapping):
+        return {k: _to(v, dtype, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, dtype, device) for v in x)
+    return x
+
+
+def _as_batch_list(batches) -> list:
+    """One ``(inputs, targets)`` pair, or a sequence of them."""
+    if isinstance(batches, (tuple, list)) and len(batches) == 2 and torch.is_tensor(batches[1]):
+        return [tuple(batches)]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches given")
+    return [tuple(b) for b in batches]
+
+
+class HessianOperator:
+    """Exact Hessian-vector products of the example-weighted mean loss (see module doc).
+
+    ``method``: ``"double_backward"``, ``"forward_over_reverse"`` or ``"auto"`` (time both once on the
+    first batch and keep the faster; the measurements are in ``self.timings``).
+    ``dtype``: work in this dtype on a converted copy (default: the model's own dtype).
+    ``n_hvp`` counts operator applications (one per vector over all batches); the auto timing
+    is not counted.
+    """
+
+    def __init__(self, model: nn.Module, loss, batches, names: Sequence[str] | ParamSpace | None = None,
+                 method: str = "auto", dtype: torch.dtype | None = None):
+        if method not in METHODS + ("auto",):
+            raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {method!r}")
+        self.space = names if isinstance(names, ParamSpace) else ParamSpace(model, names)
+        self.model = analysis_copy(model, dtype)
+        first = next(iter(self.model.parameters()))
+        self.dtype, self.device = first.dtype, first.device
+        available = dict(self.model.named_parameters())
+        self.params = {n: available[n].detach() for n in self.space.names}
+        self.loss_fn = loss
+        self.batches = [_to(b, self.dtype, self.device) for b in _as_batch_list(batches)]
+        self.sizes = [batch_size(b) for b in self.batches]
+        self.n_examples = sum(self.sizes)
+        self._L = [loss_function(self.model, loss, b) for b in self.batches]
+        self.n_hvp = 0
+        self.timings: dict[str, float | str] = {}
+        self.method = self._choose_method() if method == "auto" else method
+        self.matmat_mode: str | None = None  # "batched" or "loop", set on the first matmat
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    # -- method choice ------------------------------------------------------------------------------
+    def _time(self, fn, repeats: int = 2) -> float:
+        fn()  # warm-up (allocator, lazy init)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def _choose_method(self) -> str:
+        """Time gradient and both HVPs once on the first batch; keep the faster HVP."""
+        L, p = self._L[0], self.params
+        gen = torch.Generator().manual_seed(0)
+        v = self.space.unflatten(torch.randn(self.dim, generator=gen, dtype=torch.float64)
+                                 .to(self.dtype).to(self.device))
+        self.timings["gradient"] = self._time(lambda: value_and_grad(L, p))
+        results = {}
+        for name, fn in HVP.items():
+            try:
+                results[name] = self.space.flatten(fn(L, p, v))
+                self.timings[name] = self._time(lambda: fn(L, p, v))
+            except Exception as exc:  # e.g. an op without forward-mode AD: fall back to the other
+                self.timings[name] = f"failed: {type(exc).__name__}: {exc}"
+        ok = {n: t for n, t in self.timings.items() if n in HVP and isinstance(t, float)}
+        if not ok:
+            raise RuntimeError(f"no HVP method works on this model: {self.timings}")
+        if len(results) == 2:  # both are exact: a disagreement beyond round-off is a bug somewhere
+            a, b = results.values()
+            self.timings["method_rel_diff"] = float((a - b).norm() / b.norm().clamp_min(1e-300))
+        return min(ok, key=ok.get)
+
+    # -- products -----------------------------------------------------------------------------------
+    def sum_matvec(self, v: Tensor) -> tuple[Tensor, int]:
+        """(Σ_b n_b H_b v in float64, Σ_b n_b): the shardable, unnormalised product."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        vd = self.space.unflatten(v.detach().to(device=self.device, dtype=self.dtype))
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        hvp = HVP[self.method]
+        for L, n in zip(self._L, self.sizes):
+            total += n * self.space.flatten(hvp(L, self.params, vd)).to(torch.float64)
+        self.n_hvp += 1
+        return total, self.n_examples
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v, returned in ``v``'s dtype and device."""
+        total, n = self.sum_matvec(v)
+        return (total / n).to(device=v.device, dtype=v.dtype)
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def _hvps(self, L, Vd) -> dict:
+        """Batched H_b V on one batch, falling back to a loop over columns where batching fails."""
+        if self.matmat_mode != "loop":
+            try:
+                out = HVPS[self.method](L, self.params, Vd)
+                self.matmat_mode = "batched"
+                return out
+            except Exception as exc:
+                if self.matmat_mode == "batched":
+                    raise
+                self.matmat_mode = "loop"
+                self.timings["matmat_batched_error"] = f"{type(exc).__name__}: {exc}"
+        cols = [HVP[self.method](L, self.params, {n: t[j] for n, t in Vd.items()})
+                for j in range(next(iter(Vd.values())).shape[0])]
+        return {n: torch.stack([c[n] for c in cols]) for n in self.params}
+
+    def sum_matmat(self, V: Tensor, chunk: int = 32) -> tuple[Tensor, int]:
+        """(Σ_b n_b H_b V in float64, Σ_b n_b) for ``V`` of shape (dim, k), ``chunk`` columns at a time."""
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"expected a matrix of shape ({self.dim}, k), got {tuple(V.shape)}")
+        k = V.shape[1]
+        total = torch.zeros(k, self.dim, dtype=torch.float64, device=self.device)
+        Vt = V.detach().T.to(device=self.device, dtype=self.dtype)
+        for start in range(0, k, chunk):
+            Vd = self.space.unflatten(Vt[start:start + chunk].contiguous())
+            for L, n in zip(self._L, self.sizes):
+                total[start:start + chunk] += n * self.space.flatten(self._hvps(L, Vd)).to(torch.float64)
+        self.n_hvp += k
+        return total.T, self.n_examples
+
+    def matmat(self, V: Tensor, chunk: int = 32) -> Tensor:
+        """H V for ``V`` of shape (dim, k), returned in ``V``'s dtype and device."""
+        total, n = self.sum_matmat(V, chunk)
+        return (total / n).to(device=V.device, dtype=V.dtype)
+
+    # -- first order --------------------------------------------------------------------------------
+    def sum_gradient(self) -> tuple[Tensor, int, float]:
+        """(Σ_b n_b g_b in float64, Σ_b n_b, Σ_b n_b L_b): the shardable, unnormalised gradient and loss."""
+        g = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        loss = 0.0
+        for L, n in zip(self._L, self.sizes):
+            value, grad = value_and_grad(L, self.params)
+            g += n * self.space.flatten(grad).to(torch.float64)
+            loss += n * float(value)
+        return g, self.n_examples, loss
+
+    def gradient(self) -> Tensor:
+        g, n, _ = self.sum_gradient()
+        return g / n
+
+    def loss(self) -> float:
+        _, n, total = self.sum_gradient()
+        return total / n
+
+    # -- interfaces and checks ----------------------------------------------------------------------
+    def to_scipy(self):
+        """A `scipy.sparse.linalg.LinearOperator` with a float64 numpy interface."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            return self.matvec(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))).numpy()
+
+        def mm(X):
+            return self.matmat(torch.from_numpy(np.asarray(X, dtype=np.float64))).numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+    def check_deterministic(self, rtol: float | None = None, seed: int = 0) -> float:
+        """Two identical matvecs (and gradients) must agree; returns the measured relative difference.
+
+        ``rtol`` defaults to 1000 machine epsilons of the working dtype: identical computations on
+        the CPU agree bitwise, so anything larger means randomness (dropout, noise) or a side effect.
+        """
+        rtol = 1000 * torch.finfo(self.dtype).eps if rtol is None else rtol
+        v = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        diffs = {}
+        a, b = self.sum_matvec(v)[0], self.sum_matvec(v)[0]
+        diffs["matvec"] = float((a - b).norm() / a.norm().clamp_min(1e-300))
+        g1, g2 = self.sum_gradient()[0], self.sum_gradient()[0]
+        diffs["gradient"] = float((g1 - g2).norm() / g1.norm().clamp_min(1e-300))
+        worst = max(diffs.values())
+        if not worst <= rtol:  # also catches NaN
+            raise RuntimeError(f"the loss is not deterministic: repeated evaluations differ by {diffs} "
+                               f"(relative, tolerance {rtol:.1e})")
+        return worst
