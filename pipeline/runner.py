@@ -17,7 +17,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import store
 from pipeline.cluster import connect
 from pipeline.identities import identity_rows
-from pipeline.spectra import ShardedHessian, spectrum_rows
+from pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
 from pipeline.study import RunSpec, Study
 from pipeline.train import train_run
 
@@ -63,8 +63,8 @@ def _stage_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], results:
         log(f"[spectra] {spec.run_id}: all checkpoints done, skipping")
         return
     sp = study.spectra
-    pool = ShardedHessian(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch, sp.workers,
-                          sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
+    source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
+    pool = ShardedHessian(source, sp.workers, sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
     try:
         for s in todo:
             rows, tri = spectrum_rows(pool, ckpt.load_state(steps[s]), sp.top_k, sp.tol, sp.max_iter,

@@ -28,33 +28,50 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def microbatches(batch, size: int) -> list[tuple]:
     X, y = batch
+    if isinstance(X, dict):
+        return [({k: v[i:i + size] for k, v in X.items()}, y[i:i + size]) for i in range(0, len(y), size)]
     return [(X[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+@dataclass(frozen=True)
+class FamilySource:
+    """Builds a registered family's model, loss and fixed Hessian micro-batches (picklable for actors)."""
+
+    family: str
+    options: dict
+    seed: int
+    examples: int
+    microbatch: int
+
+    def __call__(self, dtype):
+        task = build_task(self.family, self.options, seed=self.seed, dtype=dtype)
+        X, y = task.train
+        task.model.train()  # the Hessian of the training objective (BatchNorm with batch statistics)
+        return task.model, task.loss, microbatches((X[: self.examples], y[: self.examples]), self.microbatch)
 
 
 def hessian_batches(family: str, options: dict, seed: int, examples: int, microbatch: int, dtype) -> list[tuple]:
     """The fixed micro-batches that define a run's Hessian (identical on driver and actors)."""
-    task = build_task(family, options, seed=seed, dtype=dtype)
-    X, y = task.train
-    return microbatches((X[:examples], y[:examples]), microbatch)
+    return FamilySource(family, options, seed, examples, microbatch)(dtype)[2]
 
 
 @ray.remote
 class HessianShard:
     """One model replica and a fixed set of micro-batches; answers unnormalised HVP sums."""
 
-    def __init__(self, family, options, seed, examples, microbatch, shard, n_shards, dtype, threads):
+    def __init__(self, source, shard: int, n_shards: int, dtype: str, threads: int, names=None):
         torch.set_num_threads(threads)
         self.dtype = DTYPES[dtype]
-        self.task = build_task(family, options, seed=seed, dtype=self.dtype)
-        every = hessian_batches(family, options, seed, examples, microbatch, self.dtype)
+        self.model, self.loss, every = source(self.dtype)
         self.batches = every[shard::n_shards]
+        self.names = names
         self.method = "auto"
         self.op = None
 
-    def load(self, state: dict) -> int:
-        self.task.model.load_state_dict(state)
-        self.task.model.train()  # the Hessian of the training objective (BN with batch statistics)
-        self.op = HessianOperator(self.task.model, self.task.loss, self.batches, method=self.method,
+    def load(self, state: dict | None) -> int:
+        if state is not None:
+            self.model.load_state_dict(state)
+        self.op = HessianOperator(self.model, self.loss, self.batches, names=self.names, method=self.method,
                                   dtype=self.dtype)
         self.method = self.op.method  # measured once, then reused for later checkpoints
         return self.op.dim
@@ -63,35 +80,22 @@ class HessianShard:
         hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
         return hv.double().numpy(), n
 
-    def pid(self) -> int:
-        import os
-        return os.getpid()
 
-
-@dataclass
 class ShardedHessian:
-    """Driver side of the pool: a float64 matvec over all shards, with actor replacement."""
+    """Driver side of the pool: a float64 matvec summed over all shards, with actor replacement."""
 
-    family: str
-    options: dict
-    seed: int
-    examples: int
-    microbatch: int
-    workers: int
-    dtype: str = "float64"
-    cpus_per_worker: float = 1.0
-
-    def __post_init__(self):
-        self.actors = [self._spawn(i) for i in range(self.workers)]
+    def __init__(self, source, workers: int, dtype: str = "float64", cpus_per_worker: float = 1.0,
+                 names=None):
+        self.source, self.workers, self.dtype = source, workers, dtype
+        self.cpus_per_worker, self.names = cpus_per_worker, names
+        self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
-        self.n_hvp = 0
-        self.replaced = 0
+        self.n_hvp = self.replaced = self.n_examples = 0
 
     def _spawn(self, i: int):
         threads = max(1, int(self.cpus_per_worker))
         return HessianShard.options(num_cpus=self.cpus_per_worker).remote(
-            self.family, self.options, self.seed, self.examples, self.microbatch, i, self.workers,
-            self.dtype, threads)
+            self.source, i, self.workers, self.dtype, threads, self.names)
 
     def _call(self, method: str, *args):
         """Call ``method`` on every actor; replace any actor that died and retry its part."""
@@ -107,13 +111,13 @@ class ShardedHessian:
                         raise
                     self.replaced += 1
                     self.actors[i] = self._spawn(i)
-                    if self.state is not None:
-                        ray.get(self.actors[i].load.remote(self.state))
+                    ray.get(self.actors[i].load.remote(self.state))
                     ref = getattr(self.actors[i], method).remote(*args)
         return out
 
-    def load(self, state: dict) -> int:
-        self.state = ray.put({k: v.cpu() for k, v in state.items()})
+    def load(self, state: dict | None = None) -> int:
+        """Give every actor the weights of one checkpoint (None: keep the weights the source built)."""
+        self.state = None if state is None else ray.put({k: v.cpu() for k, v in state.items()})
         dims = self._call("load", self.state)
         self.n_hvp = 0
         return dims[0]
@@ -133,7 +137,7 @@ class ShardedHessian:
             ray.kill(a)
 
 
-def spectrum_rows(pool: ShardedHessian, state: dict, top_k: int, tol: float, max_iter: int,
+def spectrum_rows(pool: ShardedHessian, state: dict | None, top_k: int, tol: float, max_iter: int,
                   seed: int = 0, which: str = "LA"):
     """Lanczos on the pool at one checkpoint; returns (spectra rows, lanczos row)."""
     dim = pool.load(state)

@@ -1,0 +1,71 @@
+"""`eqlab spectrum`: Hessian spectra of a user's model (FILE.py:FUNC or a transformers folder).
+
+One process by default; ``--workers N`` shards the batch over N Ray actors on the local (or given)
+cluster, with the same float64 driver-side Lanczos.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from analyses.curvature.lanczos import lanczos
+from analyses.curvature.operator import HessianOperator
+from analyses.curvature.params import ParamSpace
+from pipeline.spectra import DTYPES
+from pipeline.userfunc import UserSource
+
+
+def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None = None, workers: int = 1,
+                     dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
+                     address: str | None = None) -> dict:
+    source = UserSource(ref, shards=workers)
+    model, loss, batches = source(DTYPES[dtype])
+    names = ParamSpace.matching(model, block).names if block else None
+    t0 = time.perf_counter()
+    pool = None
+    if workers > 1:
+        from pipeline.cluster import connect
+        from pipeline.spectra import ShardedHessian
+
+        connect(num_cpus=workers, address=address)
+        pool = ShardedHessian(source, workers, dtype, cpus_per_worker=1.0, names=names)
+        dim = pool.load(None)
+        matvec, method = pool.matvec, "sharded"
+    else:
+        op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype])
+        dim, matvec, method = op.dim, op.matvec, op.method
+    out = {"ref": ref, "dim": dim, "dtype": dtype, "workers": workers, "block": block, "method": method,
+           "eigenvalues": [], "residuals": [], "converged": [], "hvps": 0}
+    try:
+        for which, k in (("LA", top), ("SA", bottom)):
+            if k <= 0:
+                continue
+            res = lanczos(matvec, dim, k=min(k, dim), which=which, tol=tol, max_iter=min(max_iter, dim),
+                          seed=seed, dtype=torch.float64)
+            key = "eigenvalues" if which == "LA" else "bottom_eigenvalues"
+            out[key] = [float(x) for x in res.eigenvalues]
+            out["residuals" if which == "LA" else "bottom_residuals"] = [float(x) for x in res.residuals]
+            out["converged" if which == "LA" else "bottom_converged"] = [bool(c) for c in res.converged]
+            out["hvps"] += int(res.n_matvec)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_spectrum(out: dict) -> str:
+    lines = [f"{out['ref']}: {out['dim']} parameters{' in block ' + out['block'] if out['block'] else ''}, "
+             f"{out['dtype']}, {out['workers']} worker(s), HVP method {out['method']}"]
+    for key, res, label in (("eigenvalues", "residuals", "top"), ("bottom_eigenvalues", "bottom_residuals", "bottom")):
+        if out.get(key):
+            lines.append(f"{label} eigenvalues:")
+            lines += [f"  {i:>3}  {lam: .10g}   residual {r:.2e}" for i, (lam, r) in enumerate(zip(out[key], out[res]))]
+    lines.append(f"{out['hvps']} HVPs in {out['seconds']:.2f}s")
+    return "\n".join(lines)
+
+
+def to_json(out: dict) -> str:
+    return json.dumps(out)
