@@ -11,6 +11,7 @@ from analyses.curvature.params import ParamSpace
 from models import build_task
 
 F64 = torch.float64
+torch.set_num_threads(1)  # tiny problems: extra threads only contend on the shared 2-core machine
 METHODS = ["double_backward", "forward_over_reverse"]
 
 
