@@ -64,7 +64,9 @@ def _stage_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], results:
         return
     sp = study.spectra
     source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
-    pool = ShardedHessian(source, sp.workers, sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
+    n_micro = -(-min(sp.examples, _n_params(spec)[1]) // sp.microbatch)
+    workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
+    pool = ShardedHessian(source, workers, sp.dtype, cpus_per_worker=study.num_cpus / workers)
     try:
         for s in todo:
             rows, tri = spectrum_rows(pool, ckpt.load_state(steps[s]), sp.top_k, sp.tol, sp.max_iter,
@@ -73,7 +75,7 @@ def _stage_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], results:
             store.write_rows(results, "spectra", spec.run_id, s, rows, study.name, study.hash)
             lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
             log(f"[spectra] {spec.run_id}: step {s}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
-                f"on {sp.workers} actors ({rows[0]['seconds']:.1f}s)")
+                f"on {workers} actor(s) ({rows[0]['seconds']:.1f}s)")
     finally:
         pool.shutdown()
 
@@ -132,8 +134,8 @@ def summarize(results: Path, study: Study) -> list[RunSummary]:
             results, f"select step, eigenvalue from spectra where run_id = '{spec.run_id}' and rank = 0 "
                      "and which = 'LA' order by step")
         _, fams = run_query(
-            results, f"select family, sum(case when holds then 1 else 0 end), count(*), bool_or(control) "
-                     f"from identities where run_id = '{spec.run_id}' group by family order by family")
+            results, f"select symmetry, sum(case when holds then 1 else 0 end), count(*), bool_or(control) "
+                     f"from identities where run_id = '{spec.run_id}' group by symmetry order by symmetry")
         rs.identities = {f: (int(h), int(n), bool(c)) for f, h, n, c in fams}
         out.append(rs)
     return out

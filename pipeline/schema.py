@@ -59,9 +59,9 @@ TABLES: dict[str, pa.Schema] = {
     ]),
     "identities": pa.schema(_KEY + [
         ("transformation", pa.string()),
-        ("family", pa.string()),
+        ("symmetry", pa.string()),       # the family: softmax_translation, bn_scale, relu_rescale, ...
         ("kind", pa.string()),           # continuous | discrete
-        ("order", pa.int32()),           # 0 finite element, 1 gradient, 2 Hessian
+        ("order", pa.int32()),           # 0 finite element, 1 gradient, 2 Hessian (quote it in SQL: "order")
         ("params", pa.list_(pa.string())),
         ("n_generators", pa.int64()),
         ("control", pa.bool_()),         # True: a negative control, expected NOT to hold

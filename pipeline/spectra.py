@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 
 from analyses.curvature.lanczos import lanczos
 from analyses.curvature.operator import HessianOperator
+from analyses.curvature.params import ParamSpace
 from models import build_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -71,12 +72,17 @@ class HessianShard:
     def load(self, state: dict | None) -> int:
         if state is not None:
             self.model.load_state_dict(state)
+        if not self.batches:  # more workers than micro-batches: this shard contributes nothing
+            self.op = None
+            return ParamSpace(self.model, self.names).dim
         self.op = HessianOperator(self.model, self.loss, self.batches, names=self.names, method=self.method,
                                   dtype=self.dtype)
         self.method = self.op.method  # measured once, then reused for later checkpoints
         return self.op.dim
 
     def sum_matvec(self, v: np.ndarray):
+        if self.op is None:
+            return np.zeros(len(v)), 0
         hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
         return hv.double().numpy(), n
 

@@ -1,0 +1,45 @@
+"""The analysis stage: at one checkpoint, discover the model's transformations and check them all.
+
+Runs as a Ray task (one per checkpoint). Discovery and its verification are float64; the identity
+checks then run in every dtype the study asks for, with the toolbox's stated tolerances. Broken
+symmetries (e.g. a norm epsilon) are kept as rows with their measured violation, and negative
+controls (declared transformations that are not symmetries) are recorded with ``control = True``.
+"""
+from __future__ import annotations
+
+import torch
+
+from analyses.discover import discover, negative_controls
+from analyses.identities import check_all
+from models import build_task
+from pipeline import checkpoint as ckpt
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _cast(batch, dtype):
+    X, y = batch
+    return (X.to(dtype) if X.is_floating_point() else X), y
+
+
+def identity_rows(spec: dict, checkpoint_dir: str, identities: dict) -> list[dict]:
+    torch.set_num_threads(1)
+    task = build_task(spec["family"], spec["model"], seed=spec["seed"], dtype=torch.float64)
+    task.model.load_state_dict(ckpt.load_state(checkpoint_dir))
+    task.model.train()  # the training objective: BatchNorm with batch statistics, dropout is off
+    X, y = task.train
+    batch = (X[: identities["examples"]], y[: identities["examples"]])
+    # Every transformation found, verified or broken (its violation is the measurement), plus controls.
+    found = discover(task.model, task.loss, batch)
+    transformations = [f.transformation for f in found.found] + list(negative_controls(task.model, task.loss, batch))
+    rows = []
+    for name in identities["dtypes"]:
+        model = task.model.to(DTYPES[name])
+        for c in check_all(model, task.loss, _cast(batch, DTYPES[name]), transformations,
+                           probes=identities["probes"], seed=spec["seed"]):
+            t = next(t for t in transformations if t.name == c.transformation)
+            rows.append({"transformation": c.transformation, "symmetry": c.family, "kind": c.kind,
+                         "order": c.order, "params": list(t.params), "n_generators": int(t.n_generators),
+                         "control": not c.expected, "dtype": name, "residual": float(c.residual),
+                         "tolerance": float(c.tolerance), "holds": bool(c.holds), "hvps": int(c.n_hvp)})
+    return rows
