@@ -1,0 +1,187 @@
+"""Attention heads: Q/K and V/O GL(d_head) per head, and the key-bias translation (catalog rows 1c, 6a, 7a).
+
+Anchor: a matmul whose two inputs both come (through views, splits, transposes) from parameterised linear
+maps, and whose output reaches a softmax over its last axis through parameter-free scalings and additive
+masks: scores = Q Kᵀ. Q's features are the contracted axis; the remaining leading axes are (batch, head).
+The V side: the matmul of that softmax's output with another projected tensor, whose features then flow
+(through transposes/reshapes) into an output projection.
+"""
+from __future__ import annotations
+
+from analyses.discover.graph import Graph, axis_labels
+from analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
+from analyses.discover.ops import affine, shared_caveats
+from analyses.transforms import GLFamily, TranslationFamily
+
+_MASKING = {"add", "mul", "div", "__add__", "__mul__", "__truediv__", "masked_fill", "where", "type", "to"}
+
+
+def _to_softmax(graph: Graph, t):
+    """Follow t through scalings/masks (no parameters) to a softmax over the last axis."""
+    for _ in range(8):
+        cons = graph.consumers(t)
+        if len(cons) != 1:
+            return None
+        op, pos = cons[0]
+        if op.name == "softmax":
+            dim = op.arg(1, "dim", -1)
+            return op if dim % t.dim() == t.dim() - 1 else None
+        if op.name not in _MASKING or graph.has_param_input(op):
+            return None
+        t = op.outputs[0]
+    return None
+
+
+def _head_labels(graph, a, chain, end, feat_axis, token_axis):
+    """(n_head, d_head) producer-feature indices of a (batch, head, token, feature)-like tensor."""
+    out = a.op.outputs[0]
+    lab = axis_labels_nd(chain, tuple(out.shape), out.dim() - 1)
+    if lab is None:
+        return None
+    lab = lab.movedim(feat_axis, -1).movedim(token_axis if token_axis < feat_axis else token_axis, -2) \
+        if False else lab
+    return lab
+
+
+def axis_labels_nd(chain, origin_shape, axis):
+    """Labels (origin index along ``axis``) of the chain's end as a full tensor, or None when mixed."""
+    import torch
+
+    from analyses.discover.graph import propagate
+
+    n = origin_shape[axis]
+    vec = torch.arange(n, dtype=torch.float64)
+    shape = [1] * len(origin_shape)
+    shape[axis] = n
+    try:
+        out = propagate(chain, vec.reshape(shape).expand(*origin_shape).contiguous())
+    except Exception:  # noqa: BLE001
+        return None
+    if not torch.equal(out, torch.round(out)):
+        return None
+    return out.long()
+
+
+def _per_head(lab, feat_axis):
+    """lab (batch, head..., token, feat) with feat at ``feat_axis`` -> list of per-head feature lists,
+    requiring labels constant over batch and token axes."""
+    lab = lab.movedim(feat_axis, -1)          # (..., feat) with the token axis now at -2
+    if lab.dim() < 3:
+        return None
+    lab = lab.movedim(-2, 0)                  # (token, batch, heads..., feat)
+    if not bool((lab == lab[:1]).all()):
+        return None
+    lab = lab[0]                              # (batch, heads..., feat)
+    if not bool((lab == lab[:1]).all()):
+        return None
+    lab = lab[0].reshape(-1, lab.shape[-1])   # (heads, feat)
+    return [row.tolist() for row in lab]
+
+
+def attention_groups(graph: Graph) -> list:
+    out = []
+    for op in graph.ops_named("matmul"):
+        P = op.tensor_positions()
+        if len(P) != 2:
+            continue
+        q, kt = op.leaves[P[0]], op.leaves[P[1]]
+        if q.dim() < 3 or graph.param(q) or graph.param(kt):
+            continue
+        sm = _to_softmax(graph, op.outputs[0])
+        if sm is None:
+            continue
+        aq, cq = _producer_affine(graph, q)
+        ak, ck = _producer_affine(graph, kt)
+        if aq is None or ak is None or aq.w_out is None or ak.w_out is None:
+            continue
+        lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
+            axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
+        if lq is None or lk is None:
+            continue
+        heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
+        heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
+        if not heads_q or not heads_k or len(heads_q) != len(heads_k):
+            continue
+        cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
+        blocks = []
+        for hq, hk in zip(heads_q, heads_k):
+            b = [[aq.weight, aq.w_out, hq, "M"]] + ([[aq.bias, 0, hq, "M"]] if aq.bias else [])
+            b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
+            blocks.append(b)
+        where = _short(aq.weight)
+        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav))
+        if ak.bias is not None:  # adding δ to the key bias shifts every score of a query by q·δ
+            cols = sorted(c for h in heads_k for c in h)
+            tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
+                                   [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
+            out.append(Candidate(tf, []))
+        vo = _value_output(graph, sm, heads_q)
+        if vo is not None:
+            out.append(vo)
+    return out
+
+
+def _value_output(graph: Graph, sm, heads_q):
+    """P = softmax(...) -> (dropout, casts) -> P @ V -> (transposes, reshapes) -> output projection."""
+    t = sm.outputs[0]
+    for _ in range(6):
+        cons = graph.consumers(t)
+        if len(cons) != 1:
+            return None
+        op, pos = cons[0]
+        if op.name == "matmul":
+            break
+        if op.name not in ("dropout", "type", "to") :
+            return None
+        t = op.outputs[0]
+    else:
+        return None
+    P = op.tensor_positions()
+    if pos != P[0] or len(P) != 2:
+        return None
+    v = op.leaves[P[1]]
+    av, cv = _producer_affine(graph, v)
+    if av is None:
+        return None
+    lv = axis_labels_nd(cv, tuple(av.op.outputs[0].shape), -1)
+    if lv is None:
+        return None
+    heads_v = _per_head(lv, -1)
+    if not heads_v:
+        return None
+    # P @ V keeps V's feature axis: follow the matmul output with V's labels attached.
+    o = op.outputs[0]
+    end, chain, cons = graph.walk_forward(o, pooling=False)
+    if len(cons) != 1:
+        return None
+    ao = affine(graph, cons[0][0])
+    if ao is None or ao.kind != "linear" or ao.data is not end:
+        return None
+    import torch
+
+    from analyses.discover.graph import propagate
+
+    n_flat = o.shape[-1]
+    # label o's entries by the V feature they carry: heads from the batch/head axes, features from the last
+    lab = torch.empty(o.shape, dtype=torch.float64)
+    hv = torch.tensor(heads_v, dtype=torch.float64)        # (heads, d)
+    lab[...] = hv.reshape(*([1] * (o.dim() - 3)), *o.shape[-3:-2], 1, n_flat) if o.dim() >= 3 else hv
+    try:
+        lo = propagate(chain, lab)
+    except Exception:  # noqa: BLE001
+        return None
+    lo = lo.movedim(ao.in_axis, -1).reshape(-1, lo.shape[ao.in_axis])
+    if not bool((lo == lo[:1]).all()):
+        return None
+    rows = lo[0].long().tolist()                            # consumer input feature j carries V feature rows[j]
+    where = {c: j for j, c in enumerate(rows)}
+    blocks = []
+    for h in heads_v:
+        if any(c not in where for c in h):
+            return None
+        js = [where[c] for c in h]
+        b = [[av.weight, av.w_out, h, "M"]] + ([[av.bias, 0, h, "M"]] if av.bias else [])
+        b.append([ao.weight, ao.w_in, js, "-MT"])
+        blocks.append(b)
+    cav = shared_caveats(graph, ao)
+    return Candidate(GLFamily(f"vo_gl[{_short(av.weight)}->{_short(ao.weight)}]", "vo_gl", blocks), cav)

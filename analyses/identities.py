@@ -1,0 +1,278 @@
+"""Numerical checks of the symmetry / equivariance identities (theory.md §1.2-1.4) at one θ and batch.
+
+Orders and residuals (all dimensionless, ≈ 0 when the identity holds, O(1) for a generic non-symmetry):
+
+* order 0 (finite group element T = e^{sξ_c}, or a discrete T):
+  r0 = |L(Tθ) - a·L(θ)| / max(|L(Tθ)|, |a·L(θ)|); when the transformation is model-level equivariant
+  (f(Tθ) = S f(θ)) the outputs themselves are compared, r0 = ‖f(Tθ) - S f(θ)‖ / max(‖·‖, ‖·‖).
+* order 1, continuous (I1): r1 = |⟨g, ξ⟩ - Ψ| / (‖g‖·‖ξ‖ + |Ψ|), with the full gradient g (all
+  parameters). Cauchy-Schwarz bounds |⟨g, ξ⟩| by the first term, so r1 is a cosine-like violation; the full
+  g (not g restricted to the family's parameters P) keeps it 0, not 0/0, when g_P vanishes identically
+  (a bias feeding a BatchNorm).
+  Discrete (D1): r1 = rel(g(Tθ), a·T^{-T} g(θ)), rel(x, y) = ‖x - y‖/max(‖x‖, ‖y‖) (theory §5 convention).
+* order 2, continuous (I2): with lhs = Hξ + J_ξᵀg and rhs = ∇Ψ,
+  r2 = ‖lhs - rhs‖ / (‖Hξ‖ + ‖J_ξᵀg‖ + ‖∇Ψ‖ + κ‖ξ‖),  κ = ‖H u‖ for a random unit vector u over all
+  parameters (an rms curvature, ≈ ‖H‖_F/√d). The κ‖ξ‖ term is what a *typical* direction of the same size
+  would give, so a translation (Hv = 0 and J = 0: both sides vanish) is measured against the model's
+  curvature scale instead of against 0/0; u is not restricted to P because P may be entirely flat. J_ξᵀg is a VJP of ξ, so θ-dependent (non-linear) generators need nothing special.
+  Discrete (D2): r2 = rel(H(Tθ)·T_lin v, a·T^{-T} H(θ) v) for random v on P.
+
+Every HVP is the exact double-backward one from `analyses.curvature.functional`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from analyses.curvature.functional import (dot, forward, loss_function, named_params, norm, value_and_grad,
+                                           value_grad_hvp)
+from analyses.transforms import Continuous, Discrete, GroupElement, Transformation
+from models.losses import logits_of
+
+# Tolerances for an *exact* symmetry. Each residual is a cancellation between O(1)-normalised terms that
+# went through a depth-D chain of reductions over n ~ 1e2-1e4 summands; roundoff is ~ u·√n·D·κ with unit
+# roundoff u = 1.1e-16 (fp64), 6e-8 (fp32), 4e-3 (bf16). For fp32 that is ~1e-5-1e-4, so 1e-3 leaves an
+# order of magnitude for ill-conditioned normalisations (small BN variances); fp64 exact symmetries measure
+# 1e-15-1e-10, and 1e-6 (the catalog's figure) still separates them from eps-size violations (BN/LN eps ≥ 1e-8
+# gives ≥ 1e-8/Var). A negative control must fail every order and reach NEGATIVE_CONTROL_MIN at its worst
+# order (in practice the Hessian identity, O(0.5); a finite element of a wrong generator can move a loss
+# near log C by only ~1e-3 relative, and a cosine at order 1 can be ~1e-2).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+NEGATIVE_CONTROL_MIN = 1e-2
+_TINY = 1e-300
+
+
+@dataclass
+class IdentityCheck:
+    transformation: str
+    family: str
+    kind: str            # "continuous" | "discrete"
+    order: int           # 0: finite element (loss / outputs), 1: gradient identity, 2: Hessian identity
+    residual: float      # max over probes
+    tolerance: float
+    holds: bool          # residual <= tolerance
+    expected: bool       # False for a negative control (then it must NOT hold)
+    ok: bool             # holds if expected, else not holds (a negative control is rejected)
+    n_hvp: int
+    probes: int
+    lhs: float           # norms of the two sides at the worst probe (|.| at order 0/1 continuous)
+    rhs: float
+    scale: float         # the residual's denominator at the worst probe
+    dtype: str
+    params: list = field(default_factory=list)
+
+    def as_row(self) -> dict:
+        row = asdict(self)
+        row["params"] = ",".join(self.params)
+        return {k: (float(v) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def tolerance_for(dtype) -> float:
+    return TOLERANCE.get(dtype, 1e-3)
+
+
+def _full(v: dict, like: dict) -> dict:
+    return {n: v[n] if n in v else torch.zeros_like(p) for n, p in like.items()}
+
+
+def _sub(d: dict, names) -> dict:
+    return {n: d[n] for n in names}
+
+
+def _f(x) -> float:
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
+def _rel(a: dict, b: dict) -> tuple[float, float, float]:
+    na, nb = _f(norm(a)), _f(norm(b))
+    diff = _f(norm({n: a[n] - b[n] for n in a}))
+    return diff / max(na, nb, _TINY), na, nb
+
+
+class _Context:
+    """Loss, gradient and helpers at one (θ, batch), shared by all checks."""
+
+    def __init__(self, model, loss, batch, seed):
+        self.model, self.loss, self.batch = model, loss, batch
+        self.theta = named_params(model)
+        self.L = loss_function(model, loss, batch)
+        self.value, self.grad = value_and_grad(self.L, self.theta)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = next(iter(self.theta.values())).dtype
+        self.grad_norm = _f(norm(self.grad))
+        self._kappa = None
+
+    def kappa(self) -> float:
+        """‖H u‖ for one random unit u over all parameters (shared by every check at this θ)."""
+        if self._kappa is None:
+            u = self.randn_like(list(self.theta))
+            un = _f(norm(u))
+            _, _, hu = value_grad_hvp(self.L, self.theta, {n: x / un for n, x in u.items()})
+            self._kappa = _f(norm(hu))
+        return self._kappa
+
+    def randn_like(self, names):
+        return {n: torch.randn(self.theta[n].shape, generator=self.gen, dtype=torch.float64).to(self.theta[n])
+                for n in names}
+
+    def outputs(self, params=None):
+        with torch.no_grad():
+            out = logits_of(forward(self.model, params or self.theta, self.batch[0]))
+        return out
+
+    def psi_terms(self, params):
+        """(E⟨∇_fℓ, f⟩, L) as differentiable functions of params: the two pieces Ψ is built from."""
+        inputs, targets = self.batch
+        f = logits_of(forward(self.model, params, inputs))
+        value = self.loss(f, targets)
+        (gf,) = torch.autograd.grad(value, f, create_graph=True)
+        return (gf * f).sum(), value
+
+
+def _leaves(d):
+    return {n: p.detach().requires_grad_(True) for n, p in d.items()}
+
+
+def _continuous_probe(ctx: _Context, t: Continuous, c: Tensor, kappa: float):
+    theta, g = ctx.theta, ctx.grad
+    P = t.params
+    # ξ and J_ξᵀg: one VJP through the generator's own ops (zero for a translation).
+    leaves = _leaves(_sub(theta, P))
+    xi = t.xi(leaves, c)
+    outs = [n for n in P if xi[n].requires_grad]
+    if outs:
+        jtg = torch.autograd.grad([xi[n] for n in outs], [leaves[n] for n in P],
+                                  grad_outputs=[g[n] for n in outs], allow_unused=True)
+        jtg = {n: torch.zeros_like(theta[n]) if j is None else j for n, j in zip(P, jtg)}
+    else:
+        jtg = {n: torch.zeros_like(theta[n]) for n in P}
+    xi = {n: x.detach() for n, x in xi.items()}
+    b, a = t.psi_weights(c)
+    # Ψ and ∇Ψ: only when the family is equivariant rather than invariant.
+    psi, grad_psi, extra_hvp = 0.0, {n: torch.zeros_like(p) for n, p in theta.items()}, 0
+    if b != 0.0 or a != 0.0:
+        ps = _leaves(theta)
+        fdotg, value = ctx.psi_terms(ps)
+        psi_t = b * fdotg + a * value
+        gp = torch.autograd.grad(psi_t, list(ps.values()), allow_unused=True)
+        grad_psi = {n: torch.zeros_like(p) if x is None else x for (n, p), x in zip(theta.items(), gp)}
+        psi, extra_hvp = _f(psi_t), 1
+    # order 1
+    gx = _f(dot(_sub(g, P), xi))
+    s1 = ctx.grad_norm * _f(norm(xi)) + abs(psi)
+    r1 = abs(gx - psi) / max(s1, _TINY)
+    # order 2
+    _, _, hxi = value_grad_hvp(ctx.L, theta, _full(xi, theta))
+    lhs = {n: hxi[n] + (jtg[n] if n in jtg else 0.0) for n in theta}
+    num = _f(norm({n: lhs[n] - grad_psi[n] for n in theta}))
+    s2 = (_f(norm(hxi)) + _f(norm(jtg)) + _f(norm(grad_psi)) + kappa * _f(norm(xi)))
+    r2 = num / max(s2, _TINY)
+    return (r1, abs(gx), abs(psi), s1), (r2, _f(norm(lhs)), _f(norm(grad_psi)), s2), 1 + extra_hvp
+
+
+def _finite_residual(ctx: _Context, T: Discrete):
+    moved = dict(ctx.theta)
+    moved.update(T.apply(_sub(ctx.theta, T.params)))
+    if T.output_scale is not None:  # model-level equivariance: compare the outputs
+        fa, fb = ctx.outputs(moved), T.output_scale * ctx.outputs()
+        r, na, nb = _rel({"f": fa}, {"f": fb})
+        return r, na, nb, max(na, nb)
+    with torch.no_grad():
+        la, lb = _f(ctx.L(moved)), T.loss_scale * _f(ctx.value)
+    s = max(abs(la), abs(lb))
+    return abs(la - lb) / max(s, _TINY), abs(la), abs(lb), s
+
+
+def _check(t, order, results, tol, n_hvp, ctx):
+    worst = max(results, key=lambda x: x[0])
+    r = float(worst[0])
+    holds = bool(r <= tol)
+    ok = holds if t.expected else not holds
+    return IdentityCheck(t.name, t.family, t.kind, order, r, tol, holds, t.expected, ok, n_hvp, len(results),
+                         float(worst[1]), float(worst[2]), float(worst[3]), str(ctx.dtype).replace("torch.", ""),
+                         list(t.params))
+
+
+def check_continuous(ctx: _Context, t: Continuous, probes: int, s: float = 0.5) -> list[IdentityCheck]:
+    tol = tolerance_for(ctx.dtype)
+    n_hvp = 0 if ctx._kappa is not None else 1
+    kappa = ctx.kappa()
+    o0, o1, o2 = [], [], []
+    for _ in range(probes):
+        c = t.random_coeffs(ctx.gen, ctx.theta)
+        a, b, n = _continuous_probe(ctx, t, c, kappa)
+        o1.append(a), o2.append(b)
+        n_hvp += n
+        o0.append(_finite_residual(ctx, GroupElement(t, c, s)))
+    return [_check(t, 0, o0, tol, 0, ctx), _check(t, 1, o1, tol, 0, ctx), _check(t, 2, o2, tol, n_hvp, ctx)]
+
+
+def check_discrete(ctx: _Context, T: Discrete, probes: int) -> list[IdentityCheck]:
+    tol = tolerance_for(ctx.dtype)
+    out = [_check(T, 0, [_finite_residual(ctx, T)], tol, 0, ctx)]
+    if T.output_scale is not None:  # the loss is not simply transformed: (D1)/(D2) do not apply
+        return out
+    a = T.loss_scale
+    moved = dict(ctx.theta)
+    moved.update(T.apply(_sub(ctx.theta, T.params)))
+    P = T.params
+    o1, o2 = [], []
+    g_moved = None
+    for _ in range(probes):
+        v = ctx.randn_like(P)
+        _, g_moved, hv_moved = value_grad_hvp(ctx.L, moved, _full(T.tangent(v), ctx.theta))
+        _, _, hv = value_grad_hvp(ctx.L, ctx.theta, _full(v, ctx.theta))
+        o2.append(_rel(_mapped(hv_moved, ctx.theta, P), _scaled(_mapped_cot(T, hv, P, ctx.theta), a)) + (0.0,))
+    if g_moved is None:
+        g_moved = value_and_grad(ctx.L, moved)[1]
+    o1.append(_rel(g_moved, _scaled(_mapped_cot(T, ctx.grad, P, ctx.theta), a)) + (0.0,))
+    o1 = [(r, x, y, max(x, y)) for r, x, y, _ in o1]
+    o2 = [(r, x, y, max(x, y)) for r, x, y, _ in o2]
+    return out + [_check(T, 1, o1, tol, 0, ctx), _check(T, 2, o2, tol, 2 * probes, ctx)]
+
+
+def _mapped(d, like, P):
+    return {n: d[n] for n in like}
+
+
+def _mapped_cot(T, d, P, like):
+    """T^{-T} d on the whole parameter dict (T acts as the identity outside its params)."""
+    out = dict(d)
+    out.update(T.cotangent(_sub(d, P)))
+    return {n: out[n] for n in like}
+
+
+def _scaled(d, a):
+    return d if a == 1.0 else {n: a * x for n, x in d.items()}
+
+
+def rejected(checks: list[IdentityCheck]) -> dict[str, bool]:
+    """Per negative control: True when no order holds and the worst residual ≥ NEGATIVE_CONTROL_MIN."""
+    out: dict[str, list] = {}
+    for c in checks:
+        if not c.expected:
+            out.setdefault(c.transformation, []).append(c)
+    return {n: all(not c.holds for c in cs) and max(c.residual for c in cs) >= NEGATIVE_CONTROL_MIN
+            for n, cs in out.items()}
+
+
+def check_all(model, loss, batch, transformations, probes: int = 2, seed: int = 0) -> list[IdentityCheck]:
+    """Every identity of every transformation at the model's current θ on ``batch``.
+
+    Continuous families: orders 0 (finite element e^{0.5 ξ_c}), 1 and 2, each with ``probes`` random
+    generators ξ_c. Discrete: order 0, and (D1)/(D2) with ``probes`` random probe vectors."""
+    ctx = _Context(model, loss, batch, seed)
+    out = []
+    for t in transformations:
+        if isinstance(t, dict):
+            t = Transformation.from_json(t)
+        if isinstance(t, Continuous):
+            out += check_continuous(ctx, t, probes)
+        elif isinstance(t, Discrete):
+            out += check_discrete(ctx, t, probes)
+        else:
+            raise TypeError(f"not a transformation: {t!r}")
+    return out

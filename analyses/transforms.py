@@ -1,0 +1,475 @@
+"""Transformations of a model's named parameters, as data.
+
+A transformation is recorded in result tables, so each one is a small JSON-serialisable object naming the
+parameter slices it acts on; the numbers (the generator ξ(θ), a finite group element) are computed from that
+description on demand. Two kinds:
+
+* continuous families, given by ``n_generators`` independent generators ξ_k. A coefficient vector c picks the
+  generator ξ_c = Σ_k c_k ξ_k; every such combination is itself a generator, so one random c checks the whole
+  family at the cost of one check. Optional equivariance data: ``output_scale[k]`` = b_k (model level,
+  f(T_s θ) = e^{s b} f, i.e. B = b·I) and ``loss_rate[k]`` = a_k (loss level, L(T_s θ) = e^{s a} L).
+* discrete transformations T (permutations, sign flips, any invertible linear map, or a finite element
+  e^{sA} of a continuous family), applied exactly; with the linear part T_lin for the (D1)/(D2) identities.
+
+A *slice* is (param, dim, index): the positions ``index`` along axis ``dim`` of the named parameter, all of
+the other axes (dim=None: the whole tensor). Conventions follow the tensors as stored: nn.Linear weights are
+(out, in), transformers' Conv1D weights are (in, out).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+ParamDict = dict[str, Tensor]
+_REGISTRY: dict[str, type] = {}
+
+
+def _register(cls):
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _idx(index, size, device) -> Tensor:
+    return torch.arange(size, device=device) if index is None else torch.as_tensor(index, device=device)
+
+
+def _vec_along(param: Tensor, dim: int, vec: Tensor) -> Tensor:
+    """``vec`` (length param.shape[dim]) shaped to broadcast along axis ``dim`` of ``param``."""
+    shape = [1] * param.dim()
+    shape[dim] = -1
+    return vec.reshape(shape)
+
+
+class Transformation:
+    """Base: ``name``, ``kind``, ``family``, ``params``, ``n_generators``; ``expected`` is False for a
+    negative control (a declared transformation that is known not to be a symmetry)."""
+
+    kind = "abstract"
+
+    def __init__(self, name: str, family: str, expected: bool = True):
+        self.name, self.family, self.expected = name, family, bool(expected)
+
+    @property
+    def params(self) -> list[str]:
+        raise NotImplementedError
+
+    n_generators = 1
+
+    def _fields(self) -> dict:
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "name": self.name, "family": self.family,
+                "expected": self.expected, **self._fields()}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "Transformation":
+        d = dict(d)
+        cls = _REGISTRY[d.pop("type")]
+        return cls._from_fields(d)
+
+    @classmethod
+    def _from_fields(cls, d):
+        return cls(**d)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, n_generators={self.n_generators})"
+
+
+# ----------------------------------------------------------------------------------------------- continuous
+class Continuous(Transformation):
+    kind = "continuous"
+    output_scale: list[float] | None = None
+    loss_rate: list[float] | None = None
+
+    def xi(self, theta: Mapping[str, Tensor], c: Tensor) -> ParamDict:
+        """ξ_c(θ) on ``self.params`` (built from differentiable ops, so a VJP gives J_ξᵀ·g)."""
+        raise NotImplementedError
+
+    def exp(self, theta: Mapping[str, Tensor], c: Tensor, s: float) -> ParamDict:
+        """The finite group element T_s = exp(s ξ_c) applied to θ (only ``self.params`` change)."""
+        raise NotImplementedError
+
+    def tangent(self, v: Mapping[str, Tensor], c: Tensor, s: float) -> ParamDict:
+        """Linear part of T_s applied to v (equals ``exp`` for linear actions, identity for translations)."""
+        raise NotImplementedError
+
+    def cotangent(self, v: Mapping[str, Tensor], c: Tensor, s: float) -> ParamDict:
+        """T_s^{-T} v for the linear part."""
+        raise NotImplementedError
+
+    def random_coeffs(self, gen: torch.Generator, theta: Mapping[str, Tensor], dtype=torch.float64) -> Tensor:
+        """A generic generator: standard normal coefficients (the classes rescale where size matters)."""
+        return torch.randn(self.n_generators, generator=gen, dtype=dtype)
+
+    def psi_weights(self, c: Tensor) -> tuple[float, float]:
+        """(b, a) of the generator ξ_c: Ψ = b·E⟨∇_fℓ, f⟩ + a·L."""
+        b = float(torch.dot(c.double().cpu(), torch.tensor(self.output_scale, dtype=torch.float64))) \
+            if self.output_scale else 0.0
+        a = float(torch.dot(c.double().cpu(), torch.tensor(self.loss_rate, dtype=torch.float64))) \
+            if self.loss_rate else 0.0
+        return b, a
+
+
+def _check_len(name, values, n):
+    if values is not None and len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} generators")
+
+
+@_register
+class ScaleFamily(Continuous):
+    """Diagonal linear generators: generator k scales slice (param, dim, index) by ``coef`` for each of its
+    terms, ξ_k(θ) = D_k ⊙ θ. BN scale, ReLU/LN-gain rescale, residual-stream scale, homogeneity."""
+
+    def __init__(self, name, family, generators: Sequence[Sequence[Sequence]], output_scale=None,
+                 loss_rate=None, expected=True):
+        super().__init__(name, family, expected)
+        # each term: [param, dim (int or None), index (list or None), coef]
+        self.generators = [[[p, d, None if i is None else list(map(int, i)), float(k)] for p, d, i, k in g]
+                           for g in generators]
+        _check_len("output_scale", output_scale, len(self.generators))
+        _check_len("loss_rate", loss_rate, len(self.generators))
+        self.output_scale = None if output_scale is None else [float(x) for x in output_scale]
+        self.loss_rate = None if loss_rate is None else [float(x) for x in loss_rate]
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for g in self.generators for t in g))
+
+    @property
+    def n_generators(self):
+        return len(self.generators)
+
+    def _fields(self):
+        return {"generators": self.generators, "output_scale": self.output_scale, "loss_rate": self.loss_rate}
+
+    def field(self, theta, c: Tensor) -> ParamDict:
+        """D(c) = Σ_k c_k D_k, accumulated per (param, axis) so its cost is O(#terms + #params)."""
+        D = {n: torch.zeros_like(theta[n]) for n in self.params}
+        for ck, g in zip(c.tolist(), self.generators):
+            for p, d, i, k in g:
+                t = D[p]
+                if d is None:
+                    t += ck * k
+                else:
+                    sel = _idx(i, t.shape[d], t.device)
+                    vec = torch.zeros(t.shape[d], dtype=t.dtype, device=t.device)
+                    vec[sel] += ck * k
+                    t += _vec_along(t, d, vec)
+        return D
+
+    def xi(self, theta, c):
+        D = self.field(theta, c)
+        return {n: D[n] * theta[n] for n in D}
+
+    def exp(self, theta, c, s):
+        D = self.field(theta, c)
+        return {n: torch.exp(s * D[n]) * theta[n] for n in D}
+
+    tangent = exp
+
+    def cotangent(self, v, c, s):
+        return self.exp(v, c, -s)
+
+
+@_register
+class TranslationFamily(Continuous):
+    """Constant generators (θ-independent): term [param, dim, index, mode].
+
+    mode "broadcast": the shift is one number per position of the *other* axes, the same for every
+    position ``index`` along ``dim`` (softmax translation: W[rows, j] += u_j). mode "free": every selected
+    element has its own coefficient (attention key bias). Translations are exact at every step size."""
+
+    def __init__(self, name, family, terms: Sequence[Sequence], shapes: Mapping[str, Sequence[int]],
+                 expected=True):
+        super().__init__(name, family, expected)
+        self.terms = [[p, d, None if i is None else list(map(int, i)), m] for p, d, i, m in terms]
+        self.shapes = {k: list(map(int, v)) for k, v in shapes.items()}  # needed to count generators
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for t in self.terms))
+
+    def _term_size(self, t):
+        p, d, i, m = t
+        shape = self.shapes[p]
+        d = 0 if d is None else d
+        n_sel = shape[d] if i is None else len(i)
+        rest = math.prod(shape) // shape[d]
+        return rest if m == "broadcast" else rest * n_sel
+
+    @property
+    def n_generators(self):
+        return sum(self._term_size(t) for t in self.terms)
+
+    def _fields(self):
+        return {"terms": self.terms, "shapes": self.shapes}
+
+    def vector(self, theta, c: Tensor) -> ParamDict:
+        v = {n: torch.zeros_like(theta[n]) for n in self.params}
+        c = c.to(dtype=next(iter(v.values())).dtype)
+        start = 0
+        for t in self.terms:
+            p, d, i, m = t
+            n = self._term_size(t)
+            chunk, start = c[start:start + n], start + n
+            x = v[p]
+            d = 0 if d is None else d
+            sel = _idx(i, x.shape[d], x.device)
+            other = list(x.shape[:d]) + list(x.shape[d + 1:])
+            if m == "broadcast":
+                u = chunk.reshape(other).unsqueeze(d).expand(*x.shape[:d], len(sel), *x.shape[d + 1:])
+            else:
+                u = chunk.reshape(list(x.shape[:d]) + [len(sel)] + list(x.shape[d + 1:]))
+            v[p] = x.index_add(d, sel, u)
+        return v
+
+    def xi(self, theta, c):
+        return self.vector(theta, c)
+
+    def exp(self, theta, c, s):
+        v = self.vector(theta, c)
+        return {n: theta[n] + s * v[n] for n in v}
+
+    def tangent(self, v, c, s):
+        return {n: v[n] for n in self.params}
+
+    cotangent = tangent
+
+    def random_coeffs(self, gen, theta, dtype=torch.float64):
+        # Scale the shift to the size of the parameters it moves, so finite elements are O(1) moves.
+        c = torch.randn(self.n_generators, generator=gen, dtype=dtype)
+        v = self.vector(theta, c)
+        vn = math.sqrt(sum(float((x.double() ** 2).sum()) for x in v.values()))
+        tn = math.sqrt(sum(float((theta[n].double() ** 2).sum()) for n in v))
+        return c * (tn / vn if vn > 0 and tn > 0 else 1.0)
+
+
+@_register
+class GLFamily(Continuous):
+    """GL(k) per block. A block is a list of terms [param, dim, index (length k), mode]; along axis ``dim``
+    the k selected positions form a row vector x and mode "M" maps x ↦ x·M, mode "-MT" maps x ↦ -x·Mᵀ
+    (finite: x·G and x·G^{-T} with G = e^{sM}), so pairs ("M", "-MT") preserve the contraction x·yᵀ.
+    Attention Q/K (q·k per head) and V/O (value features into the output projection), deep linear nets.
+    Each block contributes k² generators (the entries of its M)."""
+
+    def __init__(self, name, family, blocks: Sequence[Sequence[Sequence]], expected=True):
+        super().__init__(name, family, expected)
+        self.blocks = [[[p, int(d), list(map(int, i)), m] for p, d, i, m in b] for b in blocks]
+        for b in self.blocks:
+            ks = {len(t[2]) for t in b}
+            if len(ks) != 1:
+                raise ValueError(f"block terms have different sizes {ks}")
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for b in self.blocks for t in b))
+
+    def _k(self, b):
+        return len(b[0][2])
+
+    @property
+    def n_generators(self):
+        return sum(self._k(b) ** 2 for b in self.blocks)
+
+    def _fields(self):
+        return {"blocks": self.blocks}
+
+    def _mats(self, c):
+        out, start = [], 0
+        for b in self.blocks:
+            k = self._k(b)
+            out.append(c[start:start + k * k].reshape(k, k))
+            start += k * k
+        return out
+
+    def _act(self, theta, mats_for_mode, additive: bool):
+        """Apply per-block matrices along the block axes. additive: ξ (zeros elsewhere); else a map."""
+        out = {n: torch.zeros_like(theta[n]) if additive else theta[n] for n in self.params}
+        for b, mats in zip(self.blocks, mats_for_mode):
+            for p, d, i, m in b:
+                x = theta[p]
+                sel = torch.as_tensor(i, device=x.device)
+                xs = x.index_select(d, sel).movedim(d, -1)
+                y = (xs @ mats[m].to(x.dtype)).movedim(-1, d)
+                if additive:
+                    out[p] = out[p].index_add(d, sel, y)
+                else:
+                    out[p] = out[p].index_copy(d, sel, y)
+        return out
+
+    def xi(self, theta, c):
+        mats = [{"M": M, "-MT": -M.T} for M in self._mats(c)]
+        return self._act(theta, mats, additive=True)
+
+    def _group(self, c, s, inverse_transpose=False):
+        mats = []
+        for M in self._mats(c):
+            G = torch.linalg.matrix_exp(s * M.double())
+            Git = torch.linalg.inv(G).T
+            mats.append({"M": Git, "-MT": G} if inverse_transpose else {"M": G, "-MT": Git})
+        return mats
+
+    def exp(self, theta, c, s):
+        return self._act(theta, self._group(c, s), additive=False)
+
+    tangent = exp
+
+    def cotangent(self, v, c, s):
+        return self._act(v, self._group(c, s, inverse_transpose=True), additive=False)
+
+    def random_coeffs(self, gen, theta, dtype=torch.float64):
+        # entries ~ N(0, 1/k): e^{sM} stays well conditioned for s = O(1)
+        c = torch.randn(self.n_generators, generator=gen, dtype=dtype)
+        scale = torch.cat([torch.full((self._k(b) ** 2,), 1 / math.sqrt(self._k(b)), dtype=dtype)
+                           for b in self.blocks])
+        return c * scale
+
+
+# ----------------------------------------------------------------------------------------------- discrete
+class Discrete(Transformation):
+    kind = "discrete"
+    output_scale: float | None = None  # f(Tθ) = a·f(θ) (model-level equivariance); None: invariance
+    loss_scale: float = 1.0            # L(Tθ) = a·L(θ) (loss-level equivariance)
+
+    def apply(self, theta: Mapping[str, Tensor]) -> ParamDict:
+        raise NotImplementedError
+
+    def tangent(self, v):
+        """Linear part T_lin·v."""
+        raise NotImplementedError
+
+    def cotangent(self, v):
+        """T_lin^{-T}·v."""
+        raise NotImplementedError
+
+
+@_register
+class Permutation(Discrete):
+    """Terms [param, dim, perm]: the param's axis ``dim`` is re-indexed by ``perm`` (a full permutation).
+    Orthogonal, so T^{-T} = T."""
+
+    def __init__(self, name, family, terms, expected=True):
+        super().__init__(name, family, expected)
+        self.terms = [[p, int(d), list(map(int, perm))] for p, d, perm in terms]
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for t in self.terms))
+
+    def _fields(self):
+        return {"terms": self.terms}
+
+    def apply(self, theta):
+        out = {n: theta[n] for n in self.params}
+        for p, d, perm in self.terms:
+            out[p] = out[p].index_select(d, torch.as_tensor(perm, device=out[p].device))
+        return out
+
+    tangent = cotangent = apply
+
+
+@_register
+class SignFlip(Discrete):
+    """Terms [param, dim, index]: negate those slices (neuron sign flip for odd activations; mirrors)."""
+
+    def __init__(self, name, family, terms, expected=True):
+        super().__init__(name, family, expected)
+        self.terms = [[p, d, None if i is None else list(map(int, i))] for p, d, i in terms]
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for t in self.terms))
+
+    def _fields(self):
+        return {"terms": self.terms}
+
+    def apply(self, theta):
+        out = {n: theta[n] for n in self.params}
+        for p, d, i in self.terms:
+            x = out[p]
+            if d is None:
+                out[p] = -x
+            else:
+                sign = torch.ones(x.shape[d], dtype=x.dtype, device=x.device)
+                sign[_idx(i, x.shape[d], x.device)] = -1
+                out[p] = x * _vec_along(x, d, sign)
+        return out
+
+    tangent = cotangent = apply
+
+
+@_register
+class LinearMap(Discrete):
+    """Any invertible matrix T acting on the concatenation of the flattened named params (small only)."""
+
+    def __init__(self, name, family, param_names, matrix, output_scale=None, loss_scale=1.0, expected=True):
+        super().__init__(name, family, expected)
+        self.param_names = list(param_names)
+        self.matrix = [list(map(float, r)) for r in (matrix.tolist() if torch.is_tensor(matrix) else matrix)]
+        self.output_scale, self.loss_scale = output_scale, float(loss_scale)
+
+    @property
+    def params(self):
+        return self.param_names
+
+    def _fields(self):
+        return {"param_names": self.param_names, "matrix": self.matrix, "output_scale": self.output_scale,
+                "loss_scale": self.loss_scale}
+
+    def _map(self, v, T):
+        flat = torch.cat([v[n].reshape(-1) for n in self.params])
+        y = T.to(flat.dtype) @ flat
+        out, start = {}, 0
+        for n in self.params:
+            out[n] = y[start:start + v[n].numel()].reshape(v[n].shape)
+            start += v[n].numel()
+        return out
+
+    def apply(self, theta):
+        return self._map(theta, torch.tensor(self.matrix, dtype=torch.float64))
+
+    tangent = apply
+
+    def cotangent(self, v):
+        return self._map(v, torch.linalg.inv(torch.tensor(self.matrix, dtype=torch.float64)).T)
+
+
+@_register
+class GroupElement(Discrete):
+    """The finite element T = exp(s·ξ_c) of a continuous family, applied exactly (orbit congruence, R11;
+    loss invariance at finite group elements). Equivariant families give f(Tθ) = e^{s b} f(θ)."""
+
+    def __init__(self, family_transform: Continuous | Mapping, coeffs, s: float, name=None, expected=None):
+        ft = family_transform if isinstance(family_transform, Continuous) else Transformation.from_json(
+            family_transform)
+        super().__init__(name or f"{ft.name}@s={s:g}", ft.family, ft.expected if expected is None else expected)
+        self.of, self.s = ft, float(s)
+        self.coeffs = torch.as_tensor(coeffs, dtype=torch.float64)
+        b, a = ft.psi_weights(self.coeffs)
+        self.output_scale = math.exp(self.s * b) if ft.output_scale else None
+        self.loss_scale = math.exp(self.s * a) if ft.loss_rate else 1.0
+
+    @property
+    def params(self):
+        return self.of.params
+
+    def _fields(self):
+        return {"family_transform": self.of.to_json(), "coeffs": self.coeffs.tolist(), "s": self.s}
+
+    @classmethod
+    def _from_fields(cls, d):
+        d.pop("family")
+        return cls(**d)
+
+    def apply(self, theta):
+        return self.of.exp(theta, self.coeffs, self.s)
+
+    def tangent(self, v):
+        return self.of.tangent(v, self.coeffs, self.s)
+
+    def cotangent(self, v):
+        return self.of.cotangent(v, self.coeffs, self.s)
