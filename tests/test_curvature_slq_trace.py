@@ -1,0 +1,82 @@
+"""SLQ quadrature and trace estimators against dense float64 truth."""
+import numpy as np
+import pytest
+import torch
+
+from analyses.curvature.dense import dense_hessian
+from analyses.curvature.operator import HessianOperator
+from analyses.curvature.slq import gauss_quadrature, slq, tridiagonal
+from analyses.curvature.trace import hutchinson, hutchpp
+from models import build_task
+
+F64 = torch.float64
+torch.set_num_threads(1)  # tiny problems: extra threads only contend on the shared 2-core machine
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    task = build_task("modadd_gpt2", {"p": 5, "n_embd": 8, "n_head": 2}, dtype=F64)
+    op = HessianOperator(task.model, task.loss, task.train, method="double_backward")
+    H = dense_hessian(op)
+    return op, H, np.linalg.eigvalsh(H.numpy())
+
+
+def test_gauss_rule_is_exact_for_low_degree_moments(gpt2):
+    """Σ w θ^p = vᵀ H^p v / vᵀv for p ≤ 2m − 1: the defining property of the m-node Gauss rule."""
+    _, H, evals = gpt2
+    Hs = H / np.abs(evals).max()
+    v = torch.randn(Hs.shape[0], dtype=F64, generator=torch.Generator().manual_seed(0))
+    m = 4
+    nodes, weights = gauss_quadrature(*tridiagonal(lambda x: Hs @ x, v, m))
+    assert len(nodes) == m and weights.sum() == pytest.approx(1.0, abs=1e-14)
+    u = v / v.norm()
+    for p in range(2 * m):
+        exact = float(u @ torch.linalg.matrix_power(Hs, p) @ u)
+        assert np.sum(weights * nodes ** p) == pytest.approx(exact, abs=1e-12)
+    # degree 2m is not integrated exactly (a negative control on the test itself)
+    exact = float(u @ torch.linalg.matrix_power(Hs, 2 * m) @ u)
+    assert abs(np.sum(weights * nodes ** (2 * m)) - exact) > 1e-8
+
+
+def test_breakdown_gives_exact_rule_on_few_distinct_values():
+    d = torch.tensor([2.0] * 5 + [-1.0] * 3 + [0.5] * 4, dtype=F64)
+    v = torch.ones(12, dtype=F64)
+    nodes, weights = gauss_quadrature(*tridiagonal(lambda x: d * x, v, 10))
+    assert np.allclose(nodes, [-1.0, 0.5, 2.0], atol=1e-12)
+    assert np.allclose(weights, [3 / 12, 4 / 12, 5 / 12], atol=1e-12)
+
+
+def test_slq_density_cdf_and_trace(gpt2):
+    op, H, evals = gpt2
+    res = slq(op.matvec, op.dim, steps=40, probes=8, seed=1)
+    assert res.n_matvec == 8 * 40 and len(res.alphas) == 8
+    lo, hi = evals[0], evals[-1]
+    grid = np.linspace(lo - 1, hi + 1, 4001)
+    exact_cdf = np.searchsorted(evals, grid, side="right") / len(evals)
+    w1 = np.sum(np.abs(res.cdf(grid) - exact_cdf)) * (grid[1] - grid[0])
+    assert w1 <= 0.005 * (hi - lo), w1 / (hi - lo)  # measured 5e-4
+    dens = res.density(grid, sigma=0.05 * (hi - lo))
+    assert np.sum(dens) * (grid[1] - grid[0]) == pytest.approx(1.0, abs=1e-3)
+    tr = float(np.sum(evals))
+    assert abs(res.trace() - tr) <= 0.2 * np.sqrt(np.sum(evals ** 2))  # MC error ~ ‖H‖_F·√(2/probes)
+
+
+def test_hutchinson_exact_on_diagonal_and_hutchpp_exact_on_low_rank():
+    d = torch.linspace(-2, 7, 50, dtype=F64)
+    assert hutchinson(lambda v: d * v, 50, n_matvec=3).estimate == pytest.approx(float(d.sum()), abs=1e-12)
+    g = torch.Generator().manual_seed(5)
+    U, _ = torch.linalg.qr(torch.randn(60, 4, generator=g, dtype=F64))
+    A = U @ torch.diag(torch.tensor([9.0, 4.0, -3.0, 1.0], dtype=F64)) @ U.T
+    est = hutchpp(lambda v: A @ v, 60, n_matvec=15, matmat=lambda X: A @ X)
+    assert est.estimate == pytest.approx(11.0, abs=1e-10) and est.n_matvec == 15
+
+
+def test_trace_estimators_on_a_hessian(gpt2):
+    op, H, evals = gpt2
+    tr, fro = float(np.sum(evals)), float(np.sqrt(np.sum(evals ** 2)))
+    h = hutchinson(op.matvec, op.dim, n_matvec=60, seed=2)
+    hp = hutchpp(op.matvec, op.dim, n_matvec=60, seed=2, matmat=op.matmat)
+    offdiag = float(np.sqrt(2 * (fro ** 2 - float((torch.diag(H) ** 2).sum())) / 60))  # Hutchinson's std
+    assert abs(h.estimate - tr) <= 4 * offdiag
+    assert abs(hp.estimate - tr) <= 4 * offdiag
+    assert h.std_error == pytest.approx(offdiag, rel=0.5)
