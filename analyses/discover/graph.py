@@ -222,4 +222,6 @@ def trace(model: torch.nn.Module, loss, batch) -> Graph:
             for n, b in model.named_buffers():
                 b.copy_(saved[n])
     names = {id(p): n for n, p in model.named_parameters()}
-    return Graph(rec.ops, names)
+    graph = Graph(rec.ops, names)
+    graph.output = out.logits if hasattr(out, "logits") else out  # the model output f (for equivariance)
+    return graph

@@ -1,6 +1,84 @@
-"""Pre-LN residual stream: joint scale and per-row translations (catalog rows 3a, 3b, 4a, 4b). Placeholder
-until implemented."""
+"""Streams read only through LayerNorms: one joint scale and per-row translations (catalog 3a, 3b, 4a, 4b).
+
+Starting from each layer_norm's input, walk back through pass-through ops and parameter-free adds (the
+residual connections) to the tensors that *write* the stream: linear maps (their weight and bias) and
+embedding lookups. Scaling every writer by the same factor scales the stream; LN removes it (up to eps).
+Adding a multiple of 1_D to any writer's output moves the stream along 1_D; LN's mean subtraction removes it
+exactly (eps plays no role). Both require every reader of the stream to be a LayerNorm over its last axis:
+a reader outside (post-LN blocks, where the stream also feeds a sublayer directly) is reported as a caveat.
+"""
+from __future__ import annotations
+
+from analyses.discover.graph import Graph
+from analyses.discover.ops import affine
+from analyses.discover.patterns import Candidate, _shape, _short
+from analyses.transforms import ScaleFamily, TranslationFamily
+
+_ADD = {"add", "__add__", "__radd__"}
 
 
-def residual_stream(graph):
-    return []
+def _stream(graph: Graph, start):
+    """(stream tensor ids, writers, problems) of the stream that reaches ``start``."""
+    seen, writers, problems, todo = {}, [], [], [start]
+    while todo:
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen[id(t)] = t
+        prod = graph.producer(t)
+        if prod is None:
+            problems.append("the stream has a source that is not a parameterised linear map or embedding")
+            continue
+        op, _ = prod
+        pos = op.tensor_positions()
+        if op.name in _ADD and len(pos) == 2 and not graph.has_param_input(op):
+            todo += [op.leaves[p] for p in pos]
+            continue
+        data = graph._data_input(op)
+        if data is not None and graph.is_passthrough(op, data, pooling=False):
+            todo.append(op.leaves[data])
+            continue
+        a = affine(graph, op)
+        if a is not None and a.kind in ("linear", "embedding") and op.outputs[0] is t:
+            writers.append(a)
+            continue
+        problems.append(f"the stream is produced by {op.name}, which a joint scale does not pass through")
+    return seen, writers, problems
+
+
+def residual_stream(graph: Graph) -> list[Candidate]:
+    out, done = [], set()
+    lns = [op for op in graph.ops_named("layer_norm") if len(op.arg(1, "normalized_shape")) == 1]
+    for ln in reversed(lns):  # the last LayerNorm sees the whole stream; earlier ones read parts of it
+        x = ln.leaves[ln.tensor_positions()[0]]
+        if id(x) in done:
+            continue
+        seen, writers, problems = _stream(graph, x)
+        done |= set(seen)
+        if not writers or problems:
+            continue
+        readers = set()
+        for t in seen.values():
+            for op, _ in graph.consumers(t):
+                if op.name == "layer_norm":
+                    readers.add(op.index)
+                elif not any(id(o) in seen for o in op.outputs):
+                    problems.append(f"the stream is read by {op.name} outside a LayerNorm (e.g. post-LN)")
+        eps = {ln2.arg(4, "eps", 1e-5) for ln2 in graph.ops if ln2.index in readers}
+        cav = problems + [f"layer_norm eps={e:g}: the joint scale is broken by ~eps/Var(stream)" for e in sorted(eps)]
+        family = "ln_residual_scale" if len(writers) > 1 else "ln_scale"
+        gens = []
+        terms, shapes = [], {}
+        for a in sorted(writers, key=lambda a: a.op.index):
+            gens.append([a.weight, None, None, 1.0])
+            shapes[a.weight] = list(_shape(graph, a.weight))
+            terms.append([a.weight, a.w_out, None, "broadcast"])
+            if a.bias:
+                gens.append([a.bias, None, None, 1.0])
+                shapes[a.bias] = list(_shape(graph, a.bias))
+                terms.append([a.bias, 0, None, "broadcast"])
+        tag = f"{len(writers)} writers->{len(readers)} layer_norms"
+        out.append(Candidate(ScaleFamily(f"{family}[{tag}]", family, [gens]), cav))
+        tfam = "ln_residual_translation" if len(writers) > 1 else "ln_translation"
+        out.append(Candidate(TranslationFamily(f"{tfam}[{tag}]", tfam, terms, shapes), list(problems)))
+    return out
