@@ -32,17 +32,6 @@ def _to_softmax(graph: Graph, t):
     return None
 
 
-def _head_labels(graph, a, chain, end, feat_axis, token_axis):
-    """(n_head, d_head) producer-feature indices of a (batch, head, token, feature)-like tensor."""
-    out = a.op.outputs[0]
-    lab = axis_labels_nd(chain, tuple(out.shape), out.dim() - 1)
-    if lab is None:
-        return None
-    lab = lab.movedim(feat_axis, -1).movedim(token_axis if token_axis < feat_axis else token_axis, -2) \
-        if False else lab
-    return lab
-
-
 def axis_labels_nd(chain, origin_shape, axis):
     """Labels (origin index along ``axis``) of the chain's end as a full tensor, or None when mixed."""
     import torch

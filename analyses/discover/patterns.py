@@ -62,7 +62,6 @@ def softmax_translations(graph: Graph) -> list[Candidate]:
         if labels is None or len(set(labels)) != len(labels):
             continue
         rows = sorted(labels)
-        w_shape = list(a.op.leaves[a.op.tensor_positions()[0]].shape)  # unused; shapes from params below
         shapes = {a.weight: list(_shape(graph, a.weight))}
         terms = [[a.weight, a.w_out, rows, "broadcast"]]
         if a.bias is not None:
@@ -72,7 +71,6 @@ def softmax_translations(graph: Graph) -> list[Candidate]:
         cav = shared_caveats(graph, a)
         if not graph.single_consumer_chain(a.op.outputs[0], chain):
             cav.append("the logits are also read outside the softmax (e.g. a z-loss or logit penalty)")
-        del w_shape
         out.append(Candidate(t, cav))
     return out
 
