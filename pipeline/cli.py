@@ -1,4 +1,4 @@
-"""The `eqlab` command line: run studies, query their tables (more verbs are added by later stages)."""
+"""The `eqlab` command line: run studies, query their tables, inspect and measure a user's own model."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,30 @@ def _query(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from pipeline import inspect_cmd as ic
+
+    rows = ic.inspect_model(args.model, examples=args.examples)
+    path = ic.write_inspection(rows, Path(args.results), args.model)
+    if args.json:
+        print(ic.to_json(rows))
+    else:
+        print(ic.format_inspection(args.model, rows))
+        print(f"table: {path}")
+    return 0
+
+
+def _spectrum(args) -> int:
+    from pipeline import spectrum_cmd as sc
+
+    out = sc.compute_spectrum(args.model, top=args.top, bottom=args.bottom, block=args.block,
+                              workers=args.workers, dtype=args.dtype, tol=args.tol, max_iter=args.max_iter,
+                              address=args.address, density=args.density, density_steps=args.density_steps,
+                              probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs)
+    print(sc.to_json(out) if args.json else sc.format_spectrum(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eqlab", description="Test what parameter symmetries predict about "
                                 "gradients and Hessians, on a Ray cluster, into Parquet tables.")
@@ -47,19 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--results", help="a study's results folder (default: results/default)")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table")
     q.set_defaults(func=_query)
+
+    i = sub.add_parser("inspect", help="discover and verify the transformations a model carries")
+    i.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
+    i.add_argument("--json", action="store_true", help="print a JSON list, one object per transformation")
+    i.add_argument("--results", default="results/inspect", help="where the inspections table goes")
+    i.add_argument("--examples", type=int, default=32, help="examples of the batch used for verification")
+    i.set_defaults(func=_inspect)
+
+    s = sub.add_parser("spectrum", help="top/bottom Hessian eigenvalues of a model (FILE.py:FUNC)")
+    s.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
+    s.add_argument("--top", type=int, default=5, help="largest eigenvalues (default 5)")
+    s.add_argument("--bottom", type=int, default=0, help="smallest (most negative) eigenvalues")
+    s.add_argument("--block", help="regex on parameter names: the spectrum of that diagonal block")
+    s.add_argument("--workers", type=int, default=1, help="Ray actors sharing the batch (default 1: in-process)")
+    s.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    s.add_argument("--tol", type=float, default=1e-6, help="relative true-residual tolerance")
+    s.add_argument("--max-iter", type=int, default=200)
+    s.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    s.add_argument("--density-steps", type=int, default=40, help="Lanczos steps per SLQ probe")
+    s.add_argument("--probes", type=int, default=4, help="SLQ probe vectors")
+    s.add_argument("--trace", action="store_true", help="Hessian trace by Hutch++")
+    s.add_argument("--trace-matvecs", type=int, default=30, help="HVP budget of the trace estimate")
+    s.add_argument("--address", help="Ray cluster for --workers > 1 (default: a local one)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_spectrum)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.query import QueryError
     from pipeline.study import StudyError
+    from pipeline.userfunc import UserModelError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyError, QueryError) as e:
+    except (StudyError, QueryError, UserModelError) as e:
         print(f"eqlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `eqlab query ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("eqlab: interrupted; rerun the same command to resume (finished stages are kept)", file=sys.stderr)
         return 130

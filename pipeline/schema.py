@@ -71,4 +71,16 @@ TABLES: dict[str, pa.Schema] = {
         ("holds", pa.bool_()),
         ("hvps", pa.int64()),
     ]),
+    "inspections": pa.schema(_KEY + [   # written by `eqlab inspect` (study "inspect", step -1)
+        ("name", pa.string()),
+        ("kind", pa.string()),
+        ("symmetry", pa.string()),
+        ("params", pa.list_(pa.string())),
+        ("generators", pa.int64()),
+        ("finite", pa.float64()),        # loss / output change at a finite group element
+        ("first_order", pa.float64()),
+        ("second_order", pa.float64()),
+        ("holds", pa.bool_()),
+        ("reason", pa.string()),         # why a transformation is broken ("" when it holds)
+    ]),
 }

@@ -13,13 +13,16 @@ import torch
 from analyses.curvature.lanczos import lanczos
 from analyses.curvature.operator import HessianOperator
 from analyses.curvature.params import ParamSpace
+from analyses.curvature.slq import slq
+from analyses.curvature.trace import hutchpp
 from pipeline.spectra import DTYPES
 from pipeline.userfunc import UserSource
 
 
 def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None = None, workers: int = 1,
                      dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
-                     address: str | None = None) -> dict:
+                     address: str | None = None, density: bool = False, density_steps: int = 40,
+                     probes: int = 4, trace: bool = False, trace_matvecs: int = 30) -> dict:
     source = UserSource(ref, shards=workers)
     model, loss, batches = source(DTYPES[dtype])
     names = ParamSpace.matching(model, block).names if block else None
@@ -49,6 +52,18 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
             out["residuals" if which == "LA" else "bottom_residuals"] = [float(x) for x in res.residuals]
             out["converged" if which == "LA" else "bottom_converged"] = [bool(c) for c in res.converged]
             out["hvps"] += int(res.n_matvec)
+        if density:  # raw tridiagonals are kept so the density can be re-smoothed without new HVPs
+            d = slq(matvec, dim, steps=min(density_steps, dim), probes=probes, seed=seed)
+            nodes, weights = d.pooled()
+            out["density"] = {"steps": density_steps, "probes": probes, "hvps": d.n_matvec,
+                              "nodes": nodes.tolist(), "weights": weights.tolist(),
+                              "alphas": d.alphas, "betas": d.betas}
+            out["hvps"] += d.n_matvec
+        if trace:
+            t = hutchpp(matvec, dim, n_matvec=trace_matvecs, seed=seed)
+            out["trace"] = {"method": "hutch++", "estimate": t.estimate, "std_error": t.std_error,
+                            "hvps": t.n_matvec}
+            out["hvps"] += t.n_matvec
     finally:
         if pool is not None:
             pool.shutdown()
@@ -63,6 +78,17 @@ def format_spectrum(out: dict) -> str:
         if out.get(key):
             lines.append(f"{label} eigenvalues:")
             lines += [f"  {i:>3}  {lam: .10g}   residual {r:.2e}" for i, (lam, r) in enumerate(zip(out[key], out[res]))]
+    if "density" in out:
+        d = out["density"]
+        nodes, weights = d["nodes"], d["weights"]
+        mean = sum(n * w for n, w in zip(nodes, weights))
+        neg = sum(w for n, w in zip(nodes, weights) if n < 0)
+        lines.append(f"spectral density (SLQ, {d['probes']} probes x {d['steps']} steps): support "
+                     f"[{min(nodes):.4g}, {max(nodes):.4g}], mean {mean:.4g}, negative mass {neg:.3f}")
+    if "trace" in out:
+        t = out["trace"]
+        se = f" +- {t['std_error']:.3g}" if t["std_error"] is not None else ""
+        lines.append(f"trace (Hutch++, {t['hvps']} HVPs): {t['estimate']:.6g}{se}")
     lines.append(f"{out['hvps']} HVPs in {out['seconds']:.2f}s")
     return "\n".join(lines)
 
