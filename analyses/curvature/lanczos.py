@@ -18,8 +18,9 @@ Why these choices:
   pending, the current block's own extreme Ritz pair must also converge before stopping.
   Limitation: an exactly repeated eigenvalue of an operator whose Krylov space never breaks down
   (a generic spectrum with some exact degeneracies) is found once; use dense eigh or a block method.
-* The basis lives in `_Basis` on one device; its three operations (append, project, combine) are the
-  seam where a sharded basis can be swapped in.
+* The basis lives in a `KrylovBackend` (`backend.py`): one process by default, or parameter slices
+  on several workers (`pipeline/sharded_basis.py`); the recurrence only sees scalars and handles.
+  `_Basis` is the plain local buffer SLQ still uses.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
+
+from analyses.curvature.backend import KrylovBackend, LocalBackend
 
 
 @dataclass
@@ -102,13 +105,15 @@ def _improves(block: np.ndarray, chosen: np.ndarray, which: str, gap: float) -> 
     return bool(out)
 
 
-def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 5, which: str = "LA", tol: float = 1e-8,
+def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, which: str = "LA", tol: float = 1e-8,
             max_iter: int | None = None, seed: int = 0, dtype=torch.float64, device=None,
-            v0: Tensor | None = None) -> LanczosResult:
+            v0: Tensor | None = None, backend: KrylovBackend | None = None) -> LanczosResult:
     """The ``k`` extreme eigenpairs of the symmetric operator ``matvec`` (1-D ``dtype`` tensors).
 
     Stops when every wanted pair has true residual ≤ ``tol · max(|θ_max|, tiny)``, when the Krylov
     space fills ``dim``, or after ``max_iter`` matvecs (default ``min(dim, 300)``).
+    ``backend``: where the basis lives (default: a `LocalBackend` on ``matvec``); with a backend,
+    ``matvec`` may be None and the backend applies the operator.
     """
     if which not in ("LA", "SA", "both"):
         raise ValueError(f"which must be 'LA', 'SA' or 'both', got {which!r}")
@@ -119,32 +124,38 @@ def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 5, which: str
     tiny = torch.finfo(dtype).tiny
     break_tol = min(tol, 1e-6) * 1e-2  # β below this (relative) is an invariant subspace
     gen = torch.Generator().manual_seed(seed)
-    basis = _Basis(dim, dtype, device, max_iter)
+    be = backend if backend is not None else LocalBackend(dim, matvec, dtype=dtype, device=device,
+                                                          capacity=max_iter)
+    if be.m:
+        raise ValueError("the backend already holds a basis; give lanczos a fresh one")
 
-    def random_start() -> Tensor | None:
+    def random_start():
         for _ in range(3):
-            r = torch.randn(dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-            r = basis.orthogonalise(r)
-            nr = torch.linalg.norm(r)
+            r = be.orthogonalise(be.random(1, next_seed(gen)))
+            nr = be.norm(r)
             if nr > 1e-8 * np.sqrt(dim):  # else the basis spans (almost) everything
-                return r / nr
+                return be.lincomb([(r, [[1.0 / nr]])])
         return None
 
-    q = random_start() if v0 is None else v0.detach().to(device=device, dtype=dtype) / torch.linalg.norm(v0)
+    if v0 is None:
+        q = random_start()
+    else:
+        q = be.from_tensor(v0.reshape(dim, 1))
+        q = be.lincomb([(q, [[1.0 / be.norm(q)]])])
     alphas: list[float] = []
     betas: list[float] = []
     q_prev, beta_prev = None, 0.0
     block_start, restarts, pending = 0, 0, False
     done = False
     while not done:
-        w = matvec(q).to(device=device, dtype=dtype)
-        basis.append(q, w)
-        alpha = float(q @ w)
-        r = w - alpha * q - (beta_prev * q_prev if q_prev is not None else 0.0)
-        r = basis.orthogonalise(r)
-        beta = float(torch.linalg.norm(r))
+        w = be.apply(q)
+        be.append(q, w)
+        alpha = float(be.gram(q, w)[0, 0])
+        terms = [(w, [[1.0]]), (q, [[-alpha]])] + ([(q_prev, [[-beta_prev]])] if q_prev is not None else [])
+        r = be.orthogonalise(be.lincomb(terms))
+        beta = be.norm(r)
         alphas.append(alpha)
-        m = basis.m
+        m = be.m
 
         evals, S = eigh_tridiagonal(np.array(alphas), np.array(betas))
         scale = max(float(np.abs(evals).max()), tiny)
@@ -165,7 +176,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 5, which: str
         estimate = 0.0 if broke else beta * np.abs(S[-1, check]).max()
         converged = None
         if enough and estimate <= tol * scale:
-            residuals = _true_residuals(basis, S, evals, check, dtype, device)
+            residuals = be.residual_norms(S[:, check], evals[check])
             converged = residuals <= tol * scale
             done = bool(converged.all()) and not (broke and pending)
         if m >= max_iter or done:
@@ -178,7 +189,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 5, which: str
             block_start, q_prev, beta_prev = m, None, 0.0
             betas.append(0.0)
         else:
-            q_next = r / beta
+            q_next = be.lincomb([(r, [[1.0 / beta]])])
             q_prev, beta_prev = q, beta
             betas.append(beta)
         q = q_next
@@ -186,19 +197,16 @@ def lanczos(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 5, which: str
     evals, S = eigh_tridiagonal(np.array(alphas), np.array(betas))
     scale = max(float(np.abs(evals).max()), tiny)
     chosen = _select(evals, min(k, len(evals)), which)
-    Ssel = torch.as_tensor(S[:, chosen].copy(), dtype=dtype, device=device)
-    Y, HY = basis.combine(Ssel)
-    theta = torch.as_tensor(evals[chosen].copy(), dtype=dtype, device=device)
+    Y, HY = be.ritz_vectors(S[:, chosen])
+    theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
     res = torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
     return LanczosResult(
         eigenvalues=torch.as_tensor(evals[chosen].copy(), dtype=torch.float64), eigenvectors=Y,
-        residuals=[float(x) for x in res], n_matvec=basis.m, alphas=alphas, betas=betas,
-        converged=[bool(x <= tol * scale) for x in res], iterations=basis.m, restarts=restarts,
+        residuals=[float(x) for x in res], n_matvec=be.m, alphas=alphas, betas=betas,
+        converged=[bool(x <= tol * scale) for x in res], iterations=be.m, restarts=restarts,
         which=which, scale=scale)
 
 
-def _true_residuals(basis: _Basis, S: np.ndarray, evals: np.ndarray, idx: np.ndarray, dtype, device) -> np.ndarray:
-    Ssel = torch.as_tensor(S[:, idx].copy(), dtype=dtype, device=device)
-    Y, HY = basis.combine(Ssel)
-    theta = torch.as_tensor(evals[idx].copy(), dtype=dtype, device=device)
-    return torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
+def next_seed(gen: torch.Generator) -> int:
+    """A fresh seed for `KrylovBackend.random`, drawn on the driver so every backend sees the same."""
+    return int(torch.randint(0, 2**62, (1,), generator=gen))

@@ -1,0 +1,169 @@
+"""Where Krylov vectors live: the vector-space backend that `lanczos` and `block_lanczos` run on.
+
+The Lanczos drivers never touch a dim-length vector themselves. They hold opaque *blocks* (dim×b,
+b ≥ 1) and ask the backend for the few operations a Krylov method needs; everything that comes back
+to the driver is small (b×b Gram matrices, m×b projection coefficients, residual norms). So the same
+recurrence runs on one process (`LocalBackend`, plain torch) or on vectors cut into parameter slices
+held by several workers (`pipeline/sharded_basis.py`), where every inner product is a sum of
+per-slice partial results.
+
+The basis is Q (orthonormal columns, appended a block at a time) together with W = H Q, the operator
+outputs the method computes anyway: keeping W makes true residuals ‖H y − θ y‖ of Ritz vectors y = Q s
+cost no extra HVP (H y = W s exactly).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class KrylovBackend(ABC):
+    """Blocks are opaque handles. Coefficient arrays are float64 numpy on the driver."""
+
+    dim: int
+    dtype: torch.dtype
+
+    # -- blocks ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def random(self, b: int, seed: int):
+        """A dim×b block of standard normals, a deterministic function of ``seed`` only."""
+
+    @abstractmethod
+    def from_tensor(self, X: Tensor):
+        """A block holding the given dim×b values."""
+
+    @abstractmethod
+    def apply(self, X):
+        """H X: the operator on every column of the block."""
+
+    @abstractmethod
+    def gram(self, X, Y) -> np.ndarray:
+        """Xᵀ Y (bx × by)."""
+
+    @abstractmethod
+    def lincomb(self, terms: Sequence[tuple[object, np.ndarray]]):
+        """Σ_i X_i C_i for blocks X_i (dim×b_i) and coefficients C_i (b_i × b_out)."""
+
+    # -- the basis ------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def m(self) -> int:
+        """Number of basis columns so far."""
+
+    @abstractmethod
+    def append(self, Q, W) -> None:
+        """Add the orthonormal block Q and its image W = H Q to the basis."""
+
+    @abstractmethod
+    def project(self, X) -> np.ndarray:
+        """Qᵀ X (m × b)."""
+
+    @abstractmethod
+    def subtract_basis(self, X, C: np.ndarray):
+        """X − Q C."""
+
+    @abstractmethod
+    def residual_norms(self, S: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """‖W s_j − θ_j Q s_j‖ for each column s_j of S (m × k): true residuals of Ritz pairs."""
+
+    @abstractmethod
+    def ritz_vectors(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
+        """(Q S, W S) as local dim×k tensors: the only step that brings dim-length data to the driver."""
+
+    # -- generic helpers built on the primitives ---------------------------------------------------------
+    def orthogonalise(self, X):
+        """Remove the basis components of X: two passes of classical Gram–Schmidt ("twice is enough")."""
+        if self.m == 0:
+            return X
+        for _ in range(2):
+            X = self.subtract_basis(X, self.project(X))
+        return X
+
+    def norm(self, x) -> float:
+        return float(np.sqrt(max(self.gram(x, x)[0, 0], 0.0)))
+
+
+class LocalBackend(KrylovBackend):
+    """Everything in one process: blocks are dim×b tensors, the basis is two row buffers."""
+
+    def __init__(self, dim: int, matvec: Callable[[Tensor], Tensor] | None = None,
+                 matmat: Callable[[Tensor], Tensor] | None = None, dtype=torch.float64, device=None,
+                 capacity: int = 16):
+        if matvec is None and matmat is None:
+            raise ValueError("need matvec or matmat")
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self._matvec, self._matmat = matvec, matmat
+        self._m = 0
+        self._Q = torch.empty(capacity, dim, dtype=dtype, device=device)
+        self._W = torch.empty(capacity, dim, dtype=dtype, device=device)
+
+    def _c(self, C) -> Tensor:
+        return torch.as_tensor(np.asarray(C, dtype=np.float64), device=self.device).to(self.dtype)
+
+    def random(self, b: int, seed: int) -> Tensor:
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(self.dim, b, generator=g, dtype=torch.float64).to(device=self.device, dtype=self.dtype)
+
+    def from_tensor(self, X: Tensor) -> Tensor:
+        X = X.detach().to(device=self.device, dtype=self.dtype)
+        return X.reshape(self.dim, -1).clone()
+
+    def apply(self, X: Tensor) -> Tensor:
+        # single columns go through matvec: that is the operator's cheapest, best-tested path
+        if X.shape[1] == 1 and self._matvec is not None:
+            out = self._matvec(X[:, 0])[:, None]
+        elif self._matmat is not None:
+            out = self._matmat(X)
+        else:
+            out = torch.stack([self._matvec(X[:, j]) for j in range(X.shape[1])], dim=1)
+        return out.to(device=self.device, dtype=self.dtype)
+
+    def gram(self, X: Tensor, Y: Tensor) -> np.ndarray:
+        return (X.T @ Y).double().cpu().numpy()
+
+    def lincomb(self, terms) -> Tensor:
+        return sum(X @ self._c(C) for X, C in terms)
+
+    @property
+    def m(self) -> int:
+        return self._m
+
+    @property
+    def Q(self) -> Tensor:
+        """The basis as m×dim rows (local only)."""
+        return self._Q[: self._m]
+
+    @property
+    def W(self) -> Tensor:
+        return self._W[: self._m]
+
+    def append(self, Q: Tensor, W: Tensor) -> None:
+        b = Q.shape[1]
+        if self._m + b > self._Q.shape[0]:  # grow by doubling: amortised O(1) copies per column
+            cap = max(2 * self._Q.shape[0], self._m + b)
+            for name in ("_Q", "_W"):
+                old = getattr(self, name)
+                new = torch.empty(cap, self.dim, dtype=self.dtype, device=self.device)
+                new[: self._m] = old[: self._m]
+                setattr(self, name, new)
+        self._Q[self._m:self._m + b] = Q.T
+        self._W[self._m:self._m + b] = W.T
+        self._m += b
+
+    def project(self, X: Tensor) -> np.ndarray:
+        return (self.Q @ X).double().cpu().numpy()
+
+    def subtract_basis(self, X: Tensor, C: np.ndarray) -> Tensor:
+        return X - self.Q.T @ self._c(C)
+
+    def residual_norms(self, S: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        Y, HY = self.ritz_vectors(S)
+        return torch.linalg.norm(HY - Y * self._c(theta), dim=0).double().cpu().numpy()
+
+    def ritz_vectors(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
+        S = self._c(S)
+        return self.Q.T @ S, self.W.T @ S
