@@ -51,7 +51,9 @@ def evaluate(task, model) -> dict:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker entry point (V2 API)."""
+    """Ray Train worker entry point (V2 API). After a worker failure Ray restarts the group, and the
+    loop resumes from the latest reported checkpoint (weights and optimizer state): minibatches are a
+    function of (seed, step), so the resumed run is the same run."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -60,30 +62,43 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = build_task(spec.family, spec.model, seed=spec.seed)
-    model = task.model
-    if world > 1:
-        model = ray.train.torch.prepare_model(model)  # DDP over gloo on CPUs
-    plain = model.module if hasattr(model, "module") else model
-    opt = make_optimizer(spec, model.parameters())
+    plain = task.model
+    opt = make_optimizer(spec, plain.parameters())
+    start, restored = 0, ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            plain.load_state_dict(ckpt.load_state(d))
+            opt.load_state_dict(ckpt.load_optimizer_state(d))
+            start = ckpt.load_metrics(d)["step"]
+    model = ray.train.torch.prepare_model(plain) if world > 1 else plain  # DDP over gloo on CPUs
     X, y = task.train
     checkpoints = set(spec.checkpoint_steps)
-    for step in range(spec.steps + 1):
-        if step in checkpoints:
+    for step in range(start, spec.steps + 1):
+        if step in checkpoints and not (restored is not None and step == start):
             metrics = {"step": step, **(evaluate(task, plain) if rank == 0 else {})}
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    ckpt.save(d, plain, metrics)
+                    ckpt.save(d, plain, metrics, opt)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                                      checkpoint_dir_name=ckpt.step_dir_name(step))
                 else:
                     ray.train.report(metrics)
         if step == spec.steps:
             break
+        _inject_failure(config, step)
         idx = minibatch_indices(len(y), spec.batch_size, spec.seed, step)[rank::world]
         model.train()
         opt.zero_grad(set_to_none=True)
         task.loss(model(X[idx]), y[idx]).backward()
         opt.step()
+
+
+def _inject_failure(config: dict, step: int) -> None:
+    """Fault injection for tests: crash this worker once at ``fail_once_at`` (a marker file records it)."""
+    at, marker = config.get("fail_once_at"), config.get("fail_marker")
+    if at is not None and step == at and marker and not Path(marker).exists():
+        Path(marker).write_text("crashed")
+        raise RuntimeError(f"injected worker failure at step {step}")
 
 
 def _watch(run_dir: Path, spec: RunSpec, stop: threading.Event, log) -> None:
@@ -97,9 +112,11 @@ def _watch(run_dir: Path, spec: RunSpec, stop: threading.Event, log) -> None:
                     f"train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.3f}")
 
 
-def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print) -> dict[int, Path]:
-    """Train one run on the connected Ray cluster; returns {step: checkpoint folder}."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print, max_failures: int = 3,
+              inject: dict | None = None) -> dict[int, Path]:
+    """Train one run on the connected Ray cluster; returns {step: checkpoint folder}.
+    A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.env import worker_env
@@ -111,11 +128,12 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker)), **(inject or {})},
         scaling_config=ScalingConfig(num_workers=spec.train_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=spec.run_id, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env()}),
     )
     stop = threading.Event()

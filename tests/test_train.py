@@ -29,3 +29,15 @@ def test_two_ddp_workers_match_one_worker(ray_cluster, tmp_path):
         m = ckpt.load_metrics(two[step])
         assert m["step"] == step and m["train_loss"] > 0 and m["grad_norm"] > 0
     assert ckpt.load_metrics(one[6])["train_loss"] < ckpt.load_metrics(one[0])["train_loss"]
+
+
+def test_crashed_worker_resumes_from_checkpoint_with_identical_result(ray_cluster, tmp_path):
+    clean = train_run(spec(1), tmp_path / "clean", log=lambda *_: None)
+    marker = tmp_path / "crashed-once"
+    crashed = train_run(spec(1), tmp_path / "crash", log=lambda *_: None,
+                        inject={"fail_once_at": 4, "fail_marker": str(marker)})
+    assert marker.exists()  # the worker really died (after the step-3 checkpoint) and was restarted
+    for step in (0, 3, 6):
+        a, b = ckpt.load_state(clean[step]), ckpt.load_state(crashed[step])
+        for k in a:
+            assert torch.equal(a[k], b[k]), (step, k)
