@@ -56,9 +56,11 @@ def hessian_batches(family: str, options: dict, seed: int, examples: int, microb
     return FamilySource(family, options, seed, examples, microbatch)(dtype)[2]
 
 
-@ray.remote
-class HessianShard:
-    """One model replica and a fixed set of micro-batches; answers unnormalised HVP sums."""
+class HessianShardCore:
+    """One model replica and a fixed set of micro-batches; answers unnormalised HVP sums.
+
+    A plain class so that other actors (the sharded Krylov basis) can extend it; the actor is
+    `HessianShard` below."""
 
     def __init__(self, source, shard: int, n_shards: int, dtype: str, threads: int, names=None):
         torch.set_num_threads(threads)
@@ -85,6 +87,9 @@ class HessianShard:
             return np.zeros(len(v)), 0
         hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
         return hv.double().numpy(), n
+
+
+HessianShard = ray.remote(HessianShardCore)
 
 
 class ShardedHessian:
