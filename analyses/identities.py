@@ -32,6 +32,15 @@ from analyses.curvature.functional import (dot, forward, loss_function, named_pa
 from analyses.transforms import Continuous, Discrete, GroupElement, Transformation
 from models.losses import logits_of
 
+
+def output_tensor(out):
+    """The model output f of the equivariance relation: logits, else a headless model's final hidden
+    state, else the plain tensor."""
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out
+
 # Tolerances for an *exact* symmetry. Each residual is a cancellation between O(1)-normalised terms that
 # went through a depth-D chain of reductions over n ~ 1e2-1e4 summands; roundoff is ~ u·√n·D·κ with unit
 # roundoff u = 1.1e-16 (fp64), 6e-8 (fp32), 4e-3 (bf16). For fp32 that is ~1e-5-1e-4, so 1e-3 leaves an
@@ -120,14 +129,16 @@ class _Context:
 
     def outputs(self, params=None):
         with torch.no_grad():
-            out = logits_of(forward(self.model, params or self.theta, self.batch[0]))
+            out = output_tensor(forward(self.model, params or self.theta, self.batch[0]))
         return out
 
     def psi_terms(self, params):
         """(E⟨∇_fℓ, f⟩, L) as differentiable functions of params: the two pieces Ψ is built from."""
         inputs, targets = self.batch
-        f = logits_of(forward(self.model, params, inputs))
-        value = self.loss(f, targets)
+        out = forward(self.model, params, inputs)
+        f = output_tensor(out)
+        # the loss gets the model's own output object (it may read .logits); f is the very tensor it reads
+        value = self.loss(out, targets)
         (gf,) = torch.autograd.grad(value, f, create_graph=True)
         return (gf * f).sum(), value
 

@@ -17,7 +17,8 @@ import torch
 from analyses.discover import attention, homogeneity, residual
 from analyses.discover.graph import trace
 from analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
-                                        rescales, sign_flips, softmax_translations)
+                                        rescales, sign_flips, softmax_translations,
+                                        unused_parameters)
 from analyses.identities import check_all
 from analyses.transforms import Transformation
 
@@ -89,7 +90,7 @@ def candidates(model, loss, batch, trace_examples: int = 4):
     pairs = activation_pairs(graph)
     found = (softmax_translations(graph) + batchnorm_scales(graph) + rescales(graph, pairs)
              + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
-             + permutations(graph, pairs) + sign_flips(graph, pairs))
+             + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph))
     return found, negative_controls_from(graph, pairs)
 
 

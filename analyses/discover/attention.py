@@ -32,6 +32,19 @@ def _to_softmax(graph: Graph, t):
     return None
 
 
+def _precision_caveats(sm) -> list:
+    """A softmax with a fixed ``dtype`` (``softmax(x, dtype=float32)`` in many eager attention
+    implementations) is evaluated in that precision whatever the model's dtype: float64 checks of anything
+    downstream are limited to it."""
+    import torch
+
+    dt = sm.arg(3, "dtype")
+    if isinstance(dt, torch.dtype) and dt.is_floating_point and torch.finfo(dt).eps > torch.finfo(torch.float64).eps:
+        return [f"attention softmax has a fixed dtype={str(dt).replace('torch.', '')}: float64 checks are "
+                f"limited to ~{torch.finfo(dt).eps:.0e} relative"]
+    return []
+
+
 def axis_labels_nd(chain, origin_shape, axis):
     """Labels (origin index along ``axis``) of the chain's end as a full tensor, or None when mixed."""
     import torch
@@ -92,6 +105,7 @@ def attention_groups(graph: Graph) -> list:
         if not heads_q or not heads_k or len(heads_q) != len(heads_k):
             continue
         cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
+        cav += _precision_caveats(sm)
         blocks = []
         for hq, hk in zip(heads_q, heads_k):
             b = [[aq.weight, aq.w_out, hq, "M"]] + ([[aq.bias, 0, hq, "M"]] if aq.bias else [])
@@ -103,7 +117,7 @@ def attention_groups(graph: Graph) -> list:
             cols = sorted(c for h in heads_k for c in h)
             tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
                                    [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
-            out.append(Candidate(tf, []))
+            out.append(Candidate(tf, _precision_caveats(sm)))
         vo = _value_output(graph, sm, heads_q)
         if vo is not None:
             out.append(vo)
@@ -172,5 +186,5 @@ def _value_output(graph: Graph, sm, heads_q):
         b = [[av.weight, av.w_out, h, "M"]] + ([[av.bias, 0, h, "M"]] if av.bias else [])
         b.append([ao.weight, ao.w_in, js, "-MT"])
         blocks.append(b)
-    cav = shared_caveats(graph, ao)
+    cav = shared_caveats(graph, ao) + _precision_caveats(sm)
     return Candidate(GLFamily(f"vo_gl[{_short(av.weight)}->{_short(ao.weight)}]", "vo_gl", blocks), cav)

@@ -65,6 +65,24 @@ class Op:
         return [x for x in tree_flatten(out)[0] if torch.is_tensor(x)]
 
 
+def _out_of_place(func, args, kwargs):
+    """An in-place call (``a += b``, ``a.add_(b)``, ``relu(x, inplace=True)``) as its out-of-place twin,
+    with the tensor it would have mutated. In-place results alias their input, so recorded as they are they
+    would be invisible to the dataflow graph (a residual ``h += r`` would hide the add)."""
+    name = getattr(func, "__name__", "")
+    if kwargs.get("inplace") is True:
+        return func, args, {**kwargs, "inplace": False}, args[0] if args else None
+    twin = None
+    if name.startswith("__i") and name.endswith("__") and hasattr(torch.Tensor, "__" + name[3:]):
+        twin = getattr(torch.Tensor, "__" + name[3:])
+    elif name.endswith("_") and not name.endswith("__") and name not in ("requires_grad_", "copy_", "zero_",
+                                                                            "fill_", "uniform_", "normal_"):
+        twin = getattr(torch.Tensor, name[:-1], None)
+    if twin is None or not args or not torch.is_tensor(args[0]):
+        return func, args, kwargs, None
+    return twin, args, kwargs, args[0]
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -72,7 +90,13 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        func, args, kwargs, target = _out_of_place(func, args, kwargs)
         out = func(*args, **kwargs)
+        if target is not None:
+            # the model may keep using the mutated object (``x.add_(y)`` without rebinding): give it the
+            # new value too; the returned fresh tensor carries the dataflow for code that rebinds
+            # (``h += r``, ``x = relu(x, inplace=True)``), which is how residual adds are written.
+            target.copy_(out)
         outs = [x for x in tree_flatten(out)[0] if torch.is_tensor(x)]
         if outs:
             leaves, spec = tree_flatten((args, kwargs))
@@ -112,6 +136,19 @@ class Graph:
 
     def param_uses(self, name: str):
         return [(op, pos) for op in self.ops for pos in op.tensor_positions() if self.param(op.leaves[pos]) == name]
+
+    def ancestors(self, t) -> set[int]:
+        """ids of every tensor that ``t`` was computed from (parameters included)."""
+        seen, todo = set(), [t]
+        while todo:
+            x = todo.pop()
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            prod = self.producer(x)
+            if prod is not None:
+                todo += [prod[0].leaves[p] for p in prod[0].tensor_positions()]
+        return seen
 
     def has_param_input(self, op) -> bool:
         return any(self.param(op.leaves[p]) for p in op.tensor_positions())
@@ -216,12 +253,15 @@ def trace(model: torch.nn.Module, loss, batch) -> Graph:
     try:
         with torch.no_grad(), rec:
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            loss(out, targets)
+            value = loss(out, targets)
     finally:
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(saved[n])
     names = {id(p): n for n, p in model.named_parameters()}
     graph = Graph(rec.ops, names)
-    graph.output = out.logits if hasattr(out, "logits") else out  # the model output f (for equivariance)
+    from analyses.identities import output_tensor
+
+    graph.output = output_tensor(out)  # the model output f (for equivariance)
+    graph.loss_value = value             # the scalar loss (for what reaches it)
     return graph

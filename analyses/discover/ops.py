@@ -16,6 +16,11 @@ HOMOGENEOUS_ACT = {"relu", "leaky_relu", "relu_"}         # positively 1-homogen
 ELEMENTWISE_ACT = HOMOGENEOUS_ACT | {"gelu", "silu", "tanh", "sigmoid", "elu", "selu", "celu", "softplus",
                                      "mish", "hardswish", "hardtanh", "relu6", "softsign", "sin"}
 ODD_ACT = {"tanh", "hardtanh", "softsign", "sin"}           # σ(-x) = -σ(x)
+# Elementwise ops an activation may be written with (GPT-2's gelu_new: 0.5·x·(1 + tanh(c·(x + a·x³)))).
+ELEMENTWISE_MATH = ELEMENTWISE_ACT | {
+    "add", "sub", "mul", "div", "pow", "neg", "exp", "log", "erf", "sqrt", "rsqrt", "abs", "clamp", "clamp_min",
+    "clamp_max", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__pow__", "__rpow__", "__neg__"}
 
 
 @dataclass

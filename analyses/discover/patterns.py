@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from analyses.discover.graph import Graph, axis_labels
-from analyses.discover.ops import (ELEMENTWISE_ACT, HOMOGENEOUS_ACT, LINEAR_OPS, NORM_OPS, ODD_ACT, Affine,
+from analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, HOMOGENEOUS_ACT, LINEAR_OPS, NORM_OPS, ODD_ACT, Affine,
                                    affine, labels_out, shared_caveats)
 from analyses.transforms import Permutation, ScaleFamily, SignFlip, Transformation, TranslationFamily
 
@@ -109,25 +111,119 @@ def batchnorm_scales(graph: Graph) -> list[Candidate]:
 
 # --------------------------------------------------------------------- (c) rescale across an activation
 @dataclass
+class Reader:
+    """One linear map reading the producer's features: producer feature -> its input positions."""
+
+    consumer: Affine
+    groups: dict
+
+
+@dataclass
 class Pair:
-    """producer (per-feature affine) -> [activation] -> consumer (linear reading those features)."""
+    """producer (per-feature affine) -> [activation] -> consumers (linear maps reading those features).
+
+    Several readers are allowed (a LayerNorm read by separate query/key/value projections): a rescale or
+    permutation of the producer's features must then be undone in every one of them."""
 
     producer: Affine
     act: str | None
-    consumer: Affine
-    groups: dict              # producer feature -> consumer input positions (along consumer.w_in)
+    readers: list             # [Reader], at least one
     caveats: list
     upstream: Affine | None = None  # for a norm producer: the linear map feeding it (for permutations)
     up_labels: list | None = None
+
+    @property
+    def consumer(self) -> Affine:
+        return self.readers[0].consumer
+
+    @property
+    def groups(self) -> dict:
+        return self.readers[0].groups
+
+
+def _linear_readers(graph: Graph, start, pooling: bool):
+    """Every reader of ``start`` as (linear Affine, chain from start), through pass-through ops; None when
+    any path ends somewhere else (a residual add, a loss, a nonlinearity)."""
+    out, todo = [], [(start, [])]
+    while todo:
+        t, pre = todo.pop()
+        end, chain, cons = graph.walk_forward(t, pooling=pooling)
+        chain = pre + chain
+        if not cons:
+            return None
+        if len(cons) > 1:
+            # a fan-out: follow each branch separately (each pass-through or a linear read directly)
+            for op, pos in cons:
+                if graph.is_passthrough(op, pos, pooling) and len(op.outputs) == 1:
+                    todo.append((op.outputs[0], chain + [(op, pos, 0)]))
+                else:
+                    a = affine(graph, op)
+                    if a is None or a.kind != "linear" or a.data is not end:
+                        return None
+                    out.append((a, chain))
+            continue
+        a = affine(graph, cons[0][0])
+        if a is None or a.kind != "linear" or a.data is not end:
+            return None
+        out.append((a, chain))
+    return out
+
+
+COMPOSITE = "composite_activation"
+
+
+def _elementwise_region(graph: Graph, x):
+    """The activation written as several elementwise ops on x (each op's tensor inputs are x, earlier
+    region tensors or parameter-free scalars; shapes stay x's). Returns (exit tensor, op names) when the
+    region has exactly one tensor read from outside it and is more than one known activation op."""
+    region, ops, changed = {id(x): x}, {}, True
+    while changed:  # to a fixed point: an op joins once all of its tensor inputs are in the region
+        changed = False
+        for t in list(region.values()):
+            for op, _ in graph.consumers(t):
+                if id(op) in ops:
+                    continue
+                ins = [op.leaves[p] for p in op.tensor_positions()]
+                if op.name in ELEMENTWISE_MATH and len(op.outputs) == 1 and op.outputs[0].shape == x.shape \
+                        and all(id(i) in region or (i.numel() == 1 and not graph.param(i)) for i in ins):
+                    ops[id(op)] = op
+                    region[id(op.outputs[0])] = op.outputs[0]
+                    changed = True
+    if any(id(op) not in ops for op, _ in graph.consumers(x)):
+        return None  # x itself is read outside: not an activation's private input
+    ops = sorted(ops.values(), key=lambda o: o.index)
+    if not ops or (len(ops) == 1 and ops[0].name in ELEMENTWISE_ACT):
+        return None
+    ids = {id(o) for o in ops}
+    exits = [op.outputs[0] for op in ops if any(id(c) not in ids for c, _ in graph.consumers(op.outputs[0]))
+             or not graph.consumers(op.outputs[0])]
+    if len(exits) != 1 or not any(o.name in ELEMENTWISE_ACT or o.name in ("pow", "__pow__", "erf", "exp")
+                                  for o in ops):
+        return None  # a plain affine rescaling (x*c + d) is not an activation
+    return exits[0], sorted({o.name for o in ops})
 
 
 def activation_pairs(graph: Graph) -> list[Pair]:
     pairs = []
     anchors = [op for op in graph.ops if op.name in ELEMENTWISE_ACT]
-    # a norm layer's affine read directly by a linear map (LN gain -> next linear, no activation)
+    # a norm layer's affine read directly by linear maps (LN gain -> next linear(s), no activation)
     anchors += [op for op in graph.ops if op.name in NORM_OPS]
+    # activations composed of elementwise ops, anchored at the linear map whose output they read
+    composite = {}
+    for op in graph.ops:
+        a = affine(graph, op) if op.name in LINEAR_OPS else None
+        if a is None or a.kind != "linear" or a.op.outputs[0] is not op.outputs[0]:
+            continue
+        x, chain, _ = graph.walk_forward(op.outputs[0], pooling=False)
+        r = _elementwise_region(graph, x)
+        if r is not None:
+            composite[op.index] = (a, chain, r[0])
+            anchors.append(op)
     for op in anchors:
-        if op.name in NORM_OPS:
+        if op.index in composite:
+            prod, pchain, start = composite[op.index]
+            act = COMPOSITE
+        elif op.name in NORM_OPS:
             prod, act, pchain = affine(graph, op), None, []
             if prod is None or prod.weight is None:
                 continue
@@ -138,42 +234,50 @@ def activation_pairs(graph: Graph) -> list[Pair]:
             if prod is None or prod.weight is None:
                 continue
             act, start = op.name, op.outputs[0]
-        end, cchain, cons = graph.walk_forward(start, pooling=act is not None)
-        if len(cons) != 1:
+        found = _linear_readers(graph, start, pooling=act is not None)
+        if not found:
             continue
-        cop, cpos = cons[0]
-        consumer = affine(graph, cop)
-        if consumer is None or consumer.kind != "linear" or consumer.data is not end:
-            continue
-        full = pchain + ([(op, op.tensor_positions()[0], 0)] if act else []) + cchain
-        labels = labels_out(graph, prod, full, end.dim() + (consumer.in_axis if consumer.in_axis < 0 else
-                                                            consumer.in_axis - end.dim()))
-        if labels is None:
-            continue
-        cav = shared_caveats(graph, prod) + shared_caveats(graph, consumer)
-        if not graph.single_consumer_chain(prod.op.outputs[0], pchain + ([(op, 0, 0)] if act else [])):
-            cav.append("the producer's output is also read elsewhere (e.g. a residual connection)")
-        up, up_labels = None, None
-        if prod.kind == "norm" and prod.op.name == "batch_norm":
-            up, uchain = _producer_affine(graph, prod.data)
-            up_labels = labels_out(graph, up, uchain, 1) if up is not None else None
-        pairs.append(Pair(prod, act, consumer, _groups(labels), cav, up, up_labels))
+        readers, cav = [], shared_caveats(graph, prod)
+        for consumer, cchain in found:
+            end = consumer.data
+            # labels pass an activation unchanged (elementwise: same shape, same positions)
+            full = pchain + ([(op, op.tensor_positions()[0], 0)] if act and act != COMPOSITE else []) + cchain
+            labels = labels_out(graph, prod, full, end.dim() + (consumer.in_axis if consumer.in_axis < 0 else
+                                                                consumer.in_axis - end.dim()))
+            if labels is None:
+                break
+            readers.append(Reader(consumer, _groups(labels)))
+            cav += [c for c in shared_caveats(graph, consumer) if c not in cav]
+        else:
+            # (a norm producer's own output is ``start``: all of its readers were just checked)
+            own = pchain + ([(op, 0, 0)] if act != COMPOSITE else [])
+            if act and not graph.single_consumer_chain(prod.op.outputs[0], own):
+                cav.append("the producer's output is also read elsewhere (e.g. a residual connection)")
+            if any(set(r.groups) != set(readers[0].groups) for r in readers):
+                continue  # readers see different features: not one per-feature transformation
+            up, up_labels = None, None
+            if prod.kind == "norm" and prod.op.name == "batch_norm":
+                up, uchain = _producer_affine(graph, prod.data)
+                up_labels = labels_out(graph, up, uchain, 1) if up is not None else None
+            pairs.append(Pair(prod, act, readers, cav, up, up_labels))
     return pairs
 
 
 def _rescale_generators(p: Pair, sign_out: float = -1.0):
     gens = []
-    for r, js in sorted(p.groups.items()):
+    for r in sorted(p.groups):
         g = [[p.producer.weight, p.producer.w_out, [r], 1.0]]
         if p.producer.bias:
             g.append([p.producer.bias, 0, [r], 1.0])
-        g.append([p.consumer.weight, p.consumer.w_in, js, sign_out])
+        for rd in p.readers:
+            g.append([rd.consumer.weight, rd.consumer.w_in, rd.groups[r], sign_out])
         gens.append(g)
     return gens
 
 
 def _pair_name(p: Pair):
-    return f"{_short(p.producer.weight)}->{_short(p.consumer.weight)}"
+    more = f"(+{len(p.readers) - 1})" if len(p.readers) > 1 else ""
+    return f"{_short(p.producer.weight)}->{_short(p.consumer.weight)}{more}"
 
 
 def rescales(graph: Graph, pairs=None) -> list[Candidate]:
@@ -187,7 +291,10 @@ def rescales(graph: Graph, pairs=None) -> list[Candidate]:
             family = "relu_rescale" if p.act in HOMOGENEOUS_ACT else f"{p.act}_rescale"
             name = family
             cav = list(p.caveats)
-            if p.act not in HOMOGENEOUS_ACT:
+            if p.act == COMPOSITE:
+                cav.append("an activation composed of elementwise ops (e.g. gelu_new's tanh form) is not "
+                           "positively homogeneous (σ(αx) ≠ ασ(x))")
+            elif p.act not in HOMOGENEOUS_ACT:
                 cav.append(f"activation {p.act} is not positively homogeneous (σ(αx) ≠ ασ(x))")
         out.append(Candidate(ScaleFamily(f"{name}[{_pair_name(p)}]", family, _rescale_generators(p)), cav))
     return out
@@ -212,18 +319,18 @@ def negative_controls_from(graph: Graph, pairs=None) -> list[Transformation]:
 
 
 # --------------------------------------------------------------------- (g) permutations and sign flips
-def _unit_terms(p: Pair, r: int, js, perm=None):
-    """Slices moving together with producer feature r (and the linear map feeding a BN producer)."""
-    terms = [[p.producer.weight, p.producer.w_out], [p.consumer.weight, p.consumer.w_in]]
+def _unit_terms(p: Pair):
+    """(param, axis) slices indexed by the producer's features (and the linear map feeding a BN producer)."""
+    terms = [[p.producer.weight, p.producer.w_out]]
     if p.producer.bias:
-        terms.insert(1, [p.producer.bias, 0])
+        terms.append([p.producer.bias, 0])
     if p.upstream is not None:
         terms += [[p.upstream.weight, p.upstream.w_out]] + ([[p.upstream.bias, 0]] if p.upstream.bias else [])
     return terms
 
 
 def permutations(graph: Graph, pairs=None, shapes=None) -> list[Candidate]:
-    """Swap the first two hidden units of every producer -> activation -> consumer pair (any elementwise
+    """Swap the first two hidden units of every producer -> activation -> consumer(s) pair (any elementwise
     activation; through a BatchNorm the filter feeding it moves too)."""
     out = []
     for p in pairs if pairs is not None else activation_pairs(graph):
@@ -234,18 +341,18 @@ def permutations(graph: Graph, pairs=None, shapes=None) -> list[Candidate]:
             continue
         feats = sorted(p.groups)
         i, j = feats[0], feats[1]
-        if len(p.groups[i]) != len(p.groups[j]):
+        if any(len(r.groups[i]) != len(r.groups[j]) for r in p.readers):
             continue
         terms = []
-        for name, dim in _unit_terms(p, i, None):
-            n = _shape(graph, name)[dim]
-            perm = list(range(n))
-            if name == p.consumer.weight:
-                for a, b in zip(p.groups[i], p.groups[j]):
-                    perm[a], perm[b] = b, a
-            else:
-                perm[i], perm[j] = j, i
+        for name, dim in _unit_terms(p):
+            perm = list(range(_shape(graph, name)[dim]))
+            perm[i], perm[j] = j, i
             terms.append([name, dim, perm])
+        for r in p.readers:  # each reader's input positions carrying unit i trade places with unit j's
+            perm = list(range(_shape(graph, r.consumer.weight)[r.consumer.w_in]))
+            for a, b in zip(r.groups[i], r.groups[j]):
+                perm[a], perm[b] = b, a
+            terms.append([r.consumer.weight, r.consumer.w_in, perm])
         out.append(Candidate(Permutation(f"permutation[{_pair_name(p)}]({i}<->{j})", "permutation", terms),
                              list(p.caveats)))
     return out
@@ -258,9 +365,30 @@ def sign_flips(graph: Graph, pairs=None) -> list[Candidate]:
         if p.act not in ODD_ACT or p.producer.kind != "linear":
             continue
         r = sorted(p.groups)[0]
-        terms = [[p.producer.weight, p.producer.w_out, [r]], [p.consumer.weight, p.consumer.w_in, p.groups[r]]]
-        if p.producer.bias:
-            terms.insert(1, [p.producer.bias, 0, [r]])
+        terms = [[p.producer.weight, p.producer.w_out, [r]]] + ([[p.producer.bias, 0, [r]]] if p.producer.bias else [])
+        terms += [[rd.consumer.weight, rd.consumer.w_in, rd.groups[r]] for rd in p.readers]
         cav = list(p.caveats)
         out.append(Candidate(SignFlip(f"sign_flip[{_pair_name(p)}]({r})", "sign_flip", terms), cav))
     return out
+
+
+# ------------------------------------------------------------------------------- (h) unused parameters
+def unused_parameters(graph: Graph) -> list[Candidate]:
+    """Parameters the model reads but the loss never depends on (BERT's pooler under a loss on the hidden
+    states): every direction is an exact symmetry, g = 0 and H = 0 on them."""
+    if getattr(graph, "loss_value", None) is None or not torch.is_tensor(graph.loss_value):
+        return []
+    reach = graph.ancestors(graph.loss_value)
+    used = {}
+    for op in graph.ops:
+        for p in op.tensor_positions():
+            n = graph.param(op.leaves[p])
+            if n is not None:
+                used.setdefault(n, []).append(id(op.leaves[p]))
+    unused = sorted(n for n, ids in used.items() if not any(i in reach for i in ids))
+    if not unused:
+        return []
+    shapes = {n: list(_shape(graph, n)) for n in unused}
+    terms = [[n, None, None, "free"] for n in unused]
+    t = TranslationFamily(f"unused_parameter[{len(unused)} tensors]", "unused_parameter", terms, shapes)
+    return [Candidate(t, [])]

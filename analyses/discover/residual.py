@@ -2,7 +2,7 @@
 
 Starting from each layer_norm's input, walk back through pass-through ops and parameter-free adds (the
 residual connections) to the tensors that *write* the stream: linear maps (their weight and bias) and
-embedding lookups. Scaling every writer by the same factor scales the stream; LN removes it (up to eps).
+embedding lookups, or parameters written into the stream as they are (position embeddings, a class token). Scaling every writer by the same factor scales the stream; LN removes it (up to eps).
 Adding a multiple of 1_D to any writer's output moves the stream along 1_D; LN's mean subtraction removes it
 exactly (eps plays no role). Both require every reader of the stream to be a LayerNorm over its last axis:
 a reader outside (post-LN blocks, where the stream also feeds a sublayer directly) is reported as a caveat.
@@ -10,7 +10,7 @@ a reader outside (post-LN blocks, where the stream also feeds a sublayer directl
 from __future__ import annotations
 
 from analyses.discover.graph import Graph
-from analyses.discover.ops import affine
+from analyses.discover.ops import affine, shared_caveats
 from analyses.discover.patterns import Candidate, _shape, _short
 from analyses.transforms import ScaleFamily, TranslationFamily
 
@@ -27,11 +27,16 @@ def _stream(graph: Graph, start):
         seen[id(t)] = t
         prod = graph.producer(t)
         if prod is None:
-            problems.append("the stream has a source that is not a parameterised linear map or embedding")
+            if graph.param(t) is not None:  # a parameter written straight into the stream (ViT's
+                writers.append(graph.param(t))  # position embeddings, an expanded class token)
+            else:
+                problems.append("the stream has a source that is not a parameterised linear map or embedding")
             continue
         op, _ = prod
         pos = op.tensor_positions()
-        if op.name in _ADD and len(pos) == 2 and not graph.has_param_input(op):
+        if (op.name in _ADD and len(pos) == 2) or op.name == "cat":
+            # residual adds (a parameter added directly is itself a writer) and concatenations of
+            # token groups (class token + patches): every input is part of the stream
             todo += [op.leaves[p] for p in pos]
             continue
         data = graph._data_input(op)
@@ -65,11 +70,17 @@ def residual_stream(graph: Graph) -> list[Candidate]:
                 elif not any(id(o) in seen for o in op.outputs):
                     problems.append(f"the stream is read by {op.name} outside a LayerNorm (e.g. post-LN)")
         eps = {ln2.arg(4, "eps", 1e-5) for ln2 in graph.ops if ln2.index in readers}
-        cav = problems + [f"layer_norm eps={e:g}: the joint scale is broken by ~eps/Var(stream)" for e in sorted(eps)]
+        shared = [c for a in writers if not isinstance(a, str) for c in shared_caveats(graph, a)]
+        cav = problems + shared + [f"layer_norm eps={e:g}: the joint scale is broken by ~eps/Var(stream)" for e in sorted(eps)]
         family = "ln_residual_scale" if len(writers) > 1 else "ln_scale"
         gens = []
         terms, shapes = [], {}
-        for a in sorted(writers, key=lambda a: a.op.index):
+        for a in sorted(writers, key=lambda a: a.op.index if not isinstance(a, str) else -1):
+            if isinstance(a, str):  # a bare parameter: it scales as a whole, and shifts along its last axis
+                shapes[a] = list(_shape(graph, a))
+                gens.append([a, None, None, 1.0])
+                terms.append([a, len(shapes[a]) - 1, None, "broadcast"])
+                continue
             gens.append([a.weight, None, None, 1.0])
             shapes[a.weight] = list(_shape(graph, a.weight))
             terms.append([a.weight, a.w_out, None, "broadcast"])
@@ -80,5 +91,5 @@ def residual_stream(graph: Graph) -> list[Candidate]:
         tag = f"{len(writers)} writers->{len(readers)} layer_norms"
         out.append(Candidate(ScaleFamily(f"{family}[{tag}]", family, [gens]), cav))
         tfam = "ln_residual_translation" if len(writers) > 1 else "ln_translation"
-        out.append(Candidate(TranslationFamily(f"{tfam}[{tag}]", tfam, terms, shapes), list(problems)))
+        out.append(Candidate(TranslationFamily(f"{tfam}[{tag}]", tfam, terms, shapes), list(problems) + shared))
     return out
