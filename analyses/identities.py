@@ -287,3 +287,34 @@ def check_all(model, loss, batch, transformations, probes: int = 2, seed: int = 
         else:
             raise TypeError(f"not a transformation: {t!r}")
     return out
+
+
+# ----------------------------------------------------------------------------- GL matrix form (rows 6a, 7a)
+@dataclass
+class GLMatrixCheck:
+    transformation: str
+    residual: float          # worst block: max|lhs − rhs| / max(max|lhs|, max|rhs|)
+    per_block: list          # the same, per block (per head)
+    lhs_norms: list          # ‖lhs‖_F per block (how much the loss sees this head)
+
+
+def _block_cols(x, d, i):
+    return x.index_select(d, torch.as_tensor(i, device=x.device)).movedim(d, -1).reshape(-1, len(i))
+
+
+def gl_matrix_check(model, loss, batch, t) -> GLMatrixCheck:
+    """The first-order GL identity as a k×k matrix per block, all k² entries at once:
+    Σ_"M" X(θ)ᵀ X(g) = Σ_"-MT" Y(g)ᵀ Y(θ), i.e. W_Qᵀ G_Q = G_Kᵀ W_K per head (row 6a; biases as extra
+    rows) and W_Vᵀ G_V = G_O W_Oᵀ (row 7a). X, Y: the block's selected positions as columns. It is the
+    statement ⟨g, ξ_M⟩ = tr((lhs − rhs) M) = 0 for every M, so it holds entrywise exactly when the family is
+    a symmetry; a wrong pairing (query head h with key head h') fails by O(1)."""
+    theta = named_params(model)
+    _, g = value_and_grad(loss_function(model, loss, batch), theta)
+    per, norms = [], []
+    for b in t.blocks:
+        lhs = sum(_block_cols(theta[p], d, i).T @ _block_cols(g[p], d, i) for p, d, i, m in b if m == "M")
+        rhs = sum(_block_cols(g[p], d, i).T @ _block_cols(theta[p], d, i) for p, d, i, m in b if m == "-MT")
+        scale = max(float(lhs.abs().max()), float(rhs.abs().max()), _TINY)
+        per.append(float((lhs - rhs).abs().max()) / scale)
+        norms.append(float(torch.linalg.matrix_norm(lhs)))
+    return GLMatrixCheck(t.name, max(per), per, norms)
