@@ -1,0 +1,363 @@
+"""The curvature benchmark (issue 4): eqlab against curvlinops, PyHessian and hessian-eigenthings,
+side by side in one process, on the same models, batches, dtype and threads, with dense float64 eigh
+as ground truth.  Usage:  bash bench/setup.sh && bench/.venv/bin/python -m bench.run [--quick]
+
+Writes bench/results/latest.md and bench/results/latest.parquet (tidy rows). A benchmark, not a
+test: nothing here asserts on time; targets are reported as met or missed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import metrics as M
+from bench.models import digits_cnn, modadd_transformer
+from bench.peers import LIBRARIES
+
+HERE = Path(__file__).resolve().parent
+F64, F32 = torch.float64, torch.float32
+ROWS: list[dict] = []
+NOTES: list[str] = []
+RTOL_TOP5 = 1e-3
+
+
+def row(metric, model, library, setting, value, unit):
+    ROWS.append({"metric": metric, "model": model, "library": library, "setting": str(setting),
+                 "value": float(value) if value is not None else float("nan"), "unit": unit})
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def make(lib, problem, **kw):
+    """An adapter, or None with the failure recorded (a peer that cannot run a model is a result)."""
+    try:
+        return LIBRARIES[lib](problem, **kw)
+    except Exception as exc:  # noqa: BLE001
+        NOTES.append(f"{lib} on {problem.name}: construction failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+# -- ground truth ------------------------------------------------------------------------------------
+def dense_truth(problem):
+    """Dense float64 Hessian (eqlab's dense_hessian; forward-over-reverse columns via vmap, the fast
+    exact path; torch.func.hessian is NOT used: wrong on BN/LN models in torch 2.13), cached on disk."""
+    from analyses.curvature.dense import dense_hessian
+    from analyses.curvature.operator import HessianOperator
+    cache = HERE / ".venv" / "dense_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = cache / f"{problem.name}_{problem.n_params()}.pt"
+    if key.exists():
+        H = torch.load(key)
+    else:
+        t0 = time.perf_counter()
+        H = dense_hessian(HessianOperator(problem.model, problem.loss, problem.batches,
+                                          method="forward_over_reverse"), chunk=128)
+        log(f"dense {problem.name}: {time.perf_counter() - t0:.1f} s")
+        torch.save(H, key)
+    # cross-check the truth against an independent exact path (double backward), one random vector
+    op = HessianOperator(problem.model, problem.loss, problem.batches, method="double_backward")
+    v = torch.randn(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(7))
+    row("truth_check", problem.name, "eqlab", "dense(fwd/rev) vs double_backward", M.rel_err(H @ v, op.matvec(v)),
+        "rel")
+    evals, evecs = torch.linalg.eigh(H)
+    return H, evals.numpy(), evecs
+
+
+# -- M1 / M2 ---------------------------------------------------------------------------------------
+def m1_m2(problem, H, repeats):
+    v64 = torch.randn(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(3))
+    ref = (H @ v64).numpy()
+    for lib in LIBRARIES:  # M2 in float64 (and float32 for reference)
+        for dt in (F64, F32):
+            ad = make(lib, problem.cast(dt))
+            if ad is None:
+                continue
+            try:
+                hv = ad.matvec(v64.to(dt)).double().numpy()
+                row("M2_matvec_rel_err", problem.name, lib, str(dt).split(".")[-1], M.rel_err(hv, ref), "rel")
+            except Exception as exc:  # noqa: BLE001
+                NOTES.append(f"M2 {lib} {problem.name} {dt}: {type(exc).__name__}: {exc}")
+    # M1 in float32: one gradient vs each library's matvec, all interleaved
+    p32 = problem.cast(F32)
+    model, (X, y) = p32.model, p32.batches[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = p32.loss
+    fns = {"gradient": lambda: torch.autograd.grad(loss(model(X), y), params)}
+    v = v64.float()
+    if len(p32.batches) == 1:
+        for lib in LIBRARIES:
+            ad = make(lib, p32)
+            if ad is not None:
+                fns[lib] = (lambda a: (lambda: a.matvec(v)))(ad)
+                if lib == "eqlab":
+                    NOTES.append(f"M1 {problem.name}: eqlab auto chose {ad.method}; timings {ad.op.timings}")
+        for meth in ("double_backward", "forward_over_reverse"):
+            ad = LIBRARIES["eqlab"](p32, method=meth)
+            fns[f"eqlab[{meth}]"] = (lambda a: (lambda: a.matvec(v)))(ad)
+    t = M.interleaved(fns, repeats=repeats, warmup=3)
+    g_med, g_min = M.med_min(t["gradient"])
+    row("M1_time", problem.name, "gradient", "median", g_med, "s")
+    row("M1_time", problem.name, "gradient", "min", g_min, "s")
+    for lib, ts in t.items():
+        if lib == "gradient":
+            continue
+        med, mn = M.med_min(ts)
+        row("M1_time", problem.name, lib, "median", med, "s")
+        row("M1_time", problem.name, lib, "min", mn, "s")
+        row("M1_hvp_over_grad", problem.name, lib, "median/median", med / g_med, "x")
+        row("M1_hvp_over_grad", problem.name, lib, "min/min", mn / g_min, "x")
+
+
+# -- M3 ------------------------------------------------------------------------------------------
+SETTINGS = {
+    "eqlab": [{"tol": t} for t in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6)],
+    "curvlinops": [{"tol": t} for t in (1e-1, 1e-2, 1e-3, 1e-4, 0.0)],
+    "pyhessian": [{"tol": t, "maxIter": 100} for t in (1e-2, 1e-3, 1e-4, 1e-5)] + [{"tol": 1e-6, "maxIter": 1000}],
+    "eigenthings": [{"max_iter": m} for m in (10, 15, 20, 25, 30, 40, 50)]
+                   + [{"max_iter": 60}, {"max_iter": 60, "reorthogonalize": True}],
+}
+
+
+def m3(problem, evals, repeats):
+    exact = evals[::-1][:5]
+    p32 = problem.cast(F32)  # speed runs in float32, judged against the float64 truth
+    # per-step check where the tridiagonal is available: eqlab, oracle stop (tol=0, fixed steps)
+    ad = make("eqlab", p32)
+    _, _, res = ad.topk(5, tol=0.0, max_iter=80)
+    j = M.first_step_within(res.alphas, res.betas, exact, RTOL_TOP5)
+    row("M3_oracle_hvps", problem.name, "eqlab", "first Lanczos step with top-5 within 1e-3", j or np.nan, "HVP")
+    best = {}
+    for lib, settings in SETTINGS.items():
+        ad = make(lib, p32)
+        if ad is None:
+            continue
+        for s in settings:
+            try:
+                t0 = time.perf_counter()
+                vals, n, _ = ad.topk(5, **s)
+                sec = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001
+                NOTES.append(f"M3 {lib} {problem.name} {s}: {type(exc).__name__}: {exc}")
+                continue
+            err = M.topk_err(vals, exact)
+            tag = json.dumps(s)
+            row("M3_sweep_err", problem.name, lib, tag, err, "rel")
+            row("M3_sweep_hvps", problem.name, lib, tag, n, "HVP")
+            row("M3_sweep_time", problem.name, lib, tag, sec, "s")
+            if err <= RTOL_TOP5 and (lib not in best or n < best[lib][1]):
+                best[lib] = (s, n)
+    # time each library's cheapest passing setting, interleaved
+    fns = {}
+    for lib, (s, n) in best.items():
+        ad = make(lib, p32)
+        fns[lib] = (lambda a, s: (lambda: a.topk(5, **s)))(ad, s)
+        row("M3_best_hvps", problem.name, lib, json.dumps(s), n, "HVP")
+    for lib in SETTINGS:
+        if lib not in best:
+            NOTES.append(f"M3 {problem.name}: {lib} met top-5 within 1e-3 at no swept setting")
+    t = M.interleaved(fns, repeats=repeats, warmup=1)
+    for lib, ts in t.items():
+        med, mn = M.med_min(ts)
+        row("M3_best_time", problem.name, lib, json.dumps(best[lib][0]) + " median", med, "s")
+        row("M3_best_time", problem.name, lib, json.dumps(best[lib][0]) + " min", mn, "s")
+
+
+# -- M4 ------------------------------------------------------------------------------------------
+TRACE = {"eqlab": ("hutchinson", "hutch++"), "curvlinops": ("hutchinson", "hutch++", "xtrace"),
+         "pyhessian": ("hutchinson",), "eigenthings": ("hutchinson", "hutch++")}
+
+
+def m4(problem, evals, seeds):
+    exact = float(np.sum(evals))
+    for lib, methods in TRACE.items():
+        ad = make(lib, problem)
+        if ad is None:
+            continue
+        for meth in methods:
+            for n in (10, 30, 100):
+                errs = []
+                for s in range(seeds):
+                    try:
+                        errs.append(abs(ad.trace(n, meth, seed=s) - exact) / abs(exact))
+                    except Exception as exc:  # noqa: BLE001
+                        NOTES.append(f"M4 {lib} {meth} {n}: {type(exc).__name__}: {exc}")
+                        break
+                if errs:
+                    row("M4_trace_rel_err", problem.name, lib, f"{meth} n={n} median of {len(errs)} seeds",
+                        np.median(errs), "rel")
+
+
+# -- M5 ------------------------------------------------------------------------------------------
+def m5(problem, evals, steps_list, probes_list):
+    width = evals[-1] - evals[0]
+    for lib in ("eqlab", "curvlinops", "eigenthings", "pyhessian"):
+        ad = make(lib, problem)
+        if ad is None:
+            continue
+        for m in steps_list:
+            for p in probes_list:
+                try:
+                    before = ad.n_hvp
+                    (nodes, weights), _ = ad.slq(m, p, seed=0)
+                    n = ad.n_hvp - before
+                except Exception as exc:  # noqa: BLE001
+                    NOTES.append(f"M5 {lib} {problem.name}: density failed: {type(exc).__name__}: {exc}")
+                    break
+                row("M5_w1_over_width", problem.name, lib, f"m={m} probes={p} hvps={n}",
+                    M.w1_discrete(nodes, weights, evals) / width, "frac")
+            else:
+                continue
+            break
+
+
+# -- M6 ------------------------------------------------------------------------------------------
+def m6(problem, H):
+    ps = dict(problem.model.named_parameters())
+    offsets, i = {}, 0
+    for n, p in ps.items():
+        offsets[n] = (i, i + p.numel())
+        i += p.numel()
+    for block, names in problem.blocks.items():
+        idx = np.concatenate([np.arange(*offsets[n]) for n in names])
+        exact = float(np.linalg.eigvalsh(H[np.ix_(idx, idx)].numpy())[-1])
+        for lib in ("eqlab", "curvlinops", "eigenthings", "pyhessian"):
+            try:
+                ad = LIBRARIES[lib](problem, names=names)
+                setting = {"eqlab": {"tol": 1e-6}, "curvlinops": {"tol": 1e-6},
+                           "eigenthings": {"max_iter": min(30, len(idx))}}[lib]
+                vals, n, _ = ad.topk(1, **setting)
+                row("M6_block_top1_err", problem.name, lib, f"{block} (n={len(idx)}, hvps={n})",
+                    abs(vals[0] - exact) / abs(exact), "rel")
+            except Exception as exc:  # noqa: BLE001
+                if block == next(iter(problem.blocks)):
+                    NOTES.append(f"M6 {lib}: {type(exc).__name__}: {exc}")
+
+
+# -- M8 ------------------------------------------------------------------------------------------
+def m8(problem, matvecs):
+    """1 vs 2 Ray actors (1 thread each) on all 1797 digits, eqlab's ShardedHessian."""
+    os.environ["PYTHONPATH"] = str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    from bench.sharding import AllDigitsSource
+    from pipeline.cluster import connect
+    from pipeline.spectra import ShardedHessian
+    from analyses.curvature.operator import HessianOperator
+    import ray
+    connect(num_cpus=2)
+    source = AllDigitsSource("digits_cnn", {"channels": (4, 8), "hidden": 16}, 0, 1797, 450)
+    state = {k: v.detach().clone() for k, v in problem.model.state_dict().items()}
+    _, _, micro = source(F64)
+    single = HessianOperator(problem.model, problem.loss, micro, method="double_backward")
+    v = torch.randn(single.dim, dtype=F64, generator=torch.Generator().manual_seed(5))
+    ref = single.matvec(v)
+    times = {}
+    for w in (1, 2):
+        pool = ShardedHessian(source, workers=w, dtype="float64", cpus_per_worker=1.0)
+        pool.load(state)
+        pool.matvec(v)
+        got = pool.matvec(v)
+        row("M8_sharded_vs_single", problem.name, "eqlab", f"{w} actor(s)", M.rel_err(got, ref), "rel")
+        ts = []
+        for _ in range(matvecs):
+            t0 = time.perf_counter()
+            pool.matvec(v)
+            ts.append(time.perf_counter() - t0)
+        times[w] = M.med_min(ts)
+        row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) median", times[w][0], "s")
+        row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) min", times[w][1], "s")
+        pool.shutdown()
+    row("M8_parallel_efficiency", problem.name, "eqlab", "t1/(2 t2) medians", times[1][0] / (2 * times[2][0]), "x")
+    row("M8_parallel_efficiency", problem.name, "eqlab", "t1/(2 t2) minima", times[1][1] / (2 * times[2][1]), "x")
+    ray.shutdown()
+
+
+# -- MiniLM ----------------------------------------------------------------------------------------
+def minilm():
+    for lib in ("eqlab_dbl", "eqlab_fwd", "curvlinops", "pyhessian", "eigenthings"):
+        try:
+            out = subprocess.run([sys.executable, "-m", "bench.minilm", lib], capture_output=True, text=True,
+                                 timeout=400, cwd=HERE.parent)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if not line:
+                NOTES.append(f"MiniLM {lib}: failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            d = json.loads(line[-1])
+        except Exception as exc:  # noqa: BLE001
+            NOTES.append(f"MiniLM {lib}: {type(exc).__name__}: {exc}")
+            continue
+        g, h = M.med_min(d["grad_s"]), M.med_min(d["hvp_s"])
+        row("MiniLM_hvp_over_grad", "minilm_l6", lib, "median/median", h[0] / g[0], "x")
+        row("MiniLM_hvp_over_grad", "minilm_l6", lib, "min/min", h[1] / g[1], "x")
+        row("MiniLM_hvp_time", "minilm_l6", lib, "median", h[0], "s")
+        row("MiniLM_peak_rss", "minilm_l6", lib, "after gradient", d["rss_grad_mb"], "MB")
+        row("MiniLM_peak_rss", "minilm_l6", lib, "after HVPs", d["rss_peak_mb"], "MB")
+        log("minilm", lib, f"hvp/grad {h[0] / g[0]:.2f}", f"rss {d['rss_peak_mb']:.0f} MB")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smoke mode: fewer repeats, seeds and settings")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: m1,m3,m4,m5,m6,m8,minilm")
+    a = ap.parse_args(argv)
+    skip = set(filter(None, a.skip.split(",")))
+    torch.set_num_threads(a.threads)
+    reps = 5 if a.quick else 15
+    t_start = time.perf_counter()
+    log("building problems (training the CNN 200 SGD steps, the transformer 300 Adam steps)")
+    cnn, cnn_all = digits_cnn()
+    gpt = modadd_transformer()
+    problems = [cnn, cnn_all, gpt]
+    truth = {}
+    for p in problems:
+        truth[p.name] = dense_truth(p)
+        row("n_params", p.name, "-", "-", p.n_params(), "count")
+    for p in problems:
+        H, evals, _ = truth[p.name]
+        step = lambda name, fn: _guard(name, p.name, fn)  # noqa: E731
+        if "m1" not in skip:
+            step("M1/M2", lambda: m1_m2(p, H, reps))
+        if p is cnn_all:
+            continue  # batch weighting is an exactness question; the rest runs on the 512 batch
+        if "m3" not in skip:
+            step("M3", lambda: m3(p, evals, 3 if a.quick else 7))
+        if "m4" not in skip:
+            step("M4", lambda: m4(p, evals, 2 if a.quick else 5))
+        if "m5" not in skip:
+            step("M5", lambda: m5(p, evals, (20, 40, 80), (1, 4) if a.quick else (1, 4, 8)))
+        if "m6" not in skip:
+            step("M6", lambda: m6(p, H))
+    if "m8" not in skip:
+        _guard("M8", cnn_all.name, lambda: m8(cnn_all, 5 if a.quick else 15))
+    if "minilm" not in skip:
+        _guard("MiniLM", "minilm", minilm)
+    total = time.perf_counter() - t_start
+    from bench.report import write
+    write(ROWS, NOTES, HERE / "results", threads=a.threads, repeats=reps, quick=a.quick, seconds=total)
+    log(f"done in {total:.0f} s")
+
+
+def _guard(name, model, fn):
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        NOTES.append(f"{name} {model}: aborted: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    log(f"{name} {model}: {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
