@@ -6,6 +6,7 @@ study resumes where it stopped without losing or duplicating rows.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ import ray
 from pipeline import checkpoint as ckpt
 from pipeline import store
 from pipeline.cluster import connect
+from pipeline.conservation_stage import conservation_rows
 from pipeline.identities import identity_rows
 from pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
 from pipeline.study import RunSpec, Study
@@ -33,6 +35,8 @@ class RunSummary:
     top_eigenvalues: list[tuple[int, float]] = field(default_factory=list)
     # symmetry -> (checks, held, control, worst order-2 residual (float64, float32), best order-2 residual)
     identities: dict[str, tuple] = field(default_factory=dict)
+    # (optimizer, families, worst exact-law residual or None, max drift / lr)
+    conservation: tuple | None = None
 
 
 def _n_params(spec: RunSpec) -> tuple[int, int, int]:
@@ -100,6 +104,23 @@ def _stage_identities(study: Study, spec: RunSpec, steps: dict[int, Path], resul
         log(f"[identities] {spec.run_id}: step {s}: {held}/{len(rows)} checks as predicted")
 
 
+def _stage_conservation(study: Study, spec: RunSpec, steps: dict[int, Path], results: Path, log) -> None:
+    todo = [s for s in steps if s < spec.steps and not store.has_rows(results, "conservation", spec.run_id, s)]
+    if not todo:
+        return
+    remote = ray.remote(num_cpus=1)(conservation_rows)
+    pending = {remote.remote(asdict(spec), str(steps[s])): s for s in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        s = pending.pop(ready[0])
+        rows = ray.get(ready[0])
+        store.write_rows(results, "conservation", spec.run_id, s, rows, study.name, study.hash)
+        exact = [r["residual"] for r in rows if not math.isnan(r["residual"])]
+        law = f"exact law residual <= {max(exact):.1e}" if exact else \
+            f"no exact law for {spec.optimizer}: drift/lr up to {max((r['drift_per_lr'] for r in rows), default=0):.3g}"
+        log(f"[conservation] {spec.run_id}: step {s}->{s + 1}: {len(rows)} conserved families, {law}")
+
+
 def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
               log=print) -> list[RunSummary]:
     results = Path(results).resolve()
@@ -119,6 +140,7 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         steps = _stage_train(study, spec, results, log)
         _stage_spectra(study, spec, steps, results, log)
         _stage_identities(study, spec, steps, results, log)
+        _stage_conservation(study, spec, steps, results, log)
     log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
     return summarize(results, study)
 
@@ -143,6 +165,11 @@ def summarize(results: Path, study: Study) -> list[RunSummary]:
                    min(residual) filter (where "order" = 2)
             from identities where run_id = '{spec.run_id}' group by symmetry order by symmetry""")
         rs.identities = {f: (int(n), int(h), bool(c), (w64, w32), b) for f, n, h, c, w64, w32, b in fams}
+        _, cons = run_query(results, f"""
+            select count(distinct transformation), max(residual) filter (where not isnan(residual)),
+                   max(drift_per_lr) from conservation where run_id = '{spec.run_id}'""")
+        if cons and cons[0][0]:
+            rs.conservation = (spec.optimizer, int(cons[0][0]), cons[0][1], cons[0][2])
         out.append(rs)
     return out
 
@@ -168,3 +195,8 @@ def print_summary(summary: list[RunSummary]) -> None:
             else:
                 verdict = f"broken: {held}/{total} checks within tolerance (order-2 residual {_worst(worst)})"
             print(f"  {fam:<26} {verdict}  [{total} checks]")
+        if rs.conservation:
+            opt, fams, worst, drift = rs.conservation
+            law = (f"the exact discrete-time law holds (residual <= {worst:.1e})" if worst is not None
+                   else f"no exact law for {opt}: conserved quantities drift, up to {drift:.3g} x lr per step")
+            print(f"  conserved quantities ({fams} families, {opt}): {law}")

@@ -71,6 +71,19 @@ TABLES: dict[str, pa.Schema] = {
         ("holds", pa.bool_()),
         ("hvps", pa.int64()),
     ]),
+    "conservation": pa.schema(_KEY + [  # the step after a checkpoint, replayed in float64
+        ("transformation", pa.string()),
+        ("symmetry", pa.string()),
+        ("optimizer", pa.string()),
+        ("lr", pa.float64()),
+        ("n_quantities", pa.int64()),    # conserved numbers in the family (one per generator / block entry)
+        ("q_norm", pa.float64()),        # ||Q(theta_t)||
+        ("change", pa.float64()),        # ||Q(theta_{t+1}) - Q(theta_t)||, measured
+        ("predicted_change", pa.float64()),  # the exact law's change (NaN: the optimizer has no law, e.g. Adam)
+        ("residual", pa.float64()),      # ||measured - predicted change|| / (||predicted|| + generic first-order scale)
+        ("drift_per_lr", pa.float64()),  # change / lr: O(1) for Adam, O(lr) for SGD
+        ("eta2_term", pa.float64()),     # ||lr^2 Q(g)||: SGD's whole change without momentum or decay
+    ]),
     "inspections": pa.schema(_KEY + [   # written by `eqlab inspect` (study "inspect", step -1)
         ("name", pa.string()),
         ("kind", pa.string()),
