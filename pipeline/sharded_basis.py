@@ -46,6 +46,9 @@ from pipeline.spectra import DTYPES, HessianShardCore
 class SliceWorker(HessianShardCore):
     """A `HessianShardCore` that also keeps one parameter slice of every Krylov vector."""
 
+    def set_method(self, method: str) -> None:
+        self.method = method  # skip the auto timing (e.g. for a benchmark that fixes the method)
+
     def configure(self, bounds: list[int], basis_dtype: str, shard: int) -> None:
         self.bounds, self.w = list(bounds), shard
         self.lo, self.hi = bounds[shard], bounds[shard + 1]
@@ -148,6 +151,24 @@ class SliceWorker(HessianShardCore):
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def memory_mb(self) -> dict:
+        return memory_mb()
+
+
+def memory_mb() -> dict:
+    """Peak RSS and the current RSS split (Linux): private pages vs shared memory (the object store
+    is mapped into every process that reads or writes it, and ru_maxrss counts those pages too)."""
+    out = {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon", "RssShmem", "RssFile")):
+                    key, val = line.split(":")
+                    out[key] = int(val.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
 
 SliceActor = ray.remote(SliceWorker)
 
@@ -174,11 +195,11 @@ class ShardedBasis(KrylovBackend):
     """
 
     def __init__(self, source, workers: int, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 names=None, basis_dtype: str = "float64", checkpoint: bool = True):
+                 names=None, basis_dtype: str = "float64", checkpoint: bool = True, method: str = "auto"):
         self.source, self.workers, self.model_dtype = source, workers, dtype
         self.cpus_per_worker, self.names = cpus_per_worker, names
         self.basis_dtype, self.dtype = basis_dtype, DTYPES[basis_dtype]
-        self.checkpoint = checkpoint
+        self.checkpoint, self.method = checkpoint, method
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
         self.replaced = self.n_hvp = self.n_examples = 0
@@ -192,8 +213,10 @@ class ShardedBasis(KrylovBackend):
     # -- the pool -------------------------------------------------------------------------------------
     def _spawn(self, i: int):
         threads = max(1, int(self.cpus_per_worker))
-        return SliceActor.options(num_cpus=self.cpus_per_worker).remote(
+        a = SliceActor.options(num_cpus=self.cpus_per_worker).remote(
             self.source, i, self.workers, self.model_dtype, threads, self.names)
+        a.set_method.remote(self.method)  # actor calls run in order: this precedes load
+        return a
 
     def _replace(self, i: int) -> None:
         if not self.checkpoint:
@@ -257,6 +280,9 @@ class ShardedBasis(KrylovBackend):
 
     def peak_rss_mb(self) -> list[float]:
         return self._each(lambda i, a: a.peak_rss_mb.remote())[0]
+
+    def memory_mb(self) -> list[dict]:
+        return self._each(lambda i, a: a.memory_mb.remote())[0]
 
     def shutdown(self):
         for a in self.actors:
