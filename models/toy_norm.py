@@ -23,7 +23,8 @@ class NormMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
         self.norm = {"ln": lambda: nn.LayerNorm(hidden, eps=eps, elementwise_affine=False),
-                     "bn": lambda: nn.BatchNorm1d(hidden, eps=eps, affine=False),
+                     # torch rejects eps = 0 for BN in train mode; 1e-300 is 0 next to any float64 variance
+                     "bn": lambda: nn.BatchNorm1d(hidden, eps=max(eps, 1e-300), affine=False),
                      "rms": lambda: _RMS(eps)}[norm]()
         self.act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[activation]()
         self.fc2 = nn.Linear(hidden, out)
