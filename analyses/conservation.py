@@ -43,6 +43,8 @@ from analyses.curvature.functional import named_params, norm
 from analyses.transforms import Continuous, GLFamily, ScaleFamily, TranslationFamily
 
 
+_ROUNDING = 1e3 * torch.finfo(torch.float64).eps  # float64 rounding of Q over up to ~1e3 summed terms
+
 # ------------------------------------------------------------------------------------------- the forms
 def _slice(x: Tensor, d, i):
     return x if d is None else x.index_select(d, torch.as_tensor(i, device=x.device))
@@ -154,7 +156,11 @@ class Step:
         if self.predicted is None:
             return math.nan
         pc = self.predicted - self.before
-        return float(torch.linalg.vector_norm(self.change - pc) / (torch.linalg.vector_norm(pc) + self.scale))
+        # Q itself is computed with rounding ~ eps·‖Q‖ (more for sums over many terms), so a change below
+        # that floor is no change: without it an exactly conserved Q with a zero gradient (a bias before BN)
+        # reads 1e-17 / 1e-17 = O(1).
+        floor = _ROUNDING * float(torch.linalg.vector_norm(self.before) + torch.linalg.vector_norm(self.after))
+        return float(torch.linalg.vector_norm(self.change - pc) / (torch.linalg.vector_norm(pc) + self.scale + floor))
 
 
 def _grads(model, loss, batch) -> dict:

@@ -46,10 +46,15 @@ def _inspect(args) -> int:
 def _spectrum(args) -> int:
     from pipeline import spectrum_cmd as sc
 
+    if args.sharded_basis and (args.workers < 2 or args.density or args.trace):
+        print("eqlab: error: --sharded-basis needs --workers >= 2 and works with --top/--bottom only",
+              file=sys.stderr)
+        return 2
     out = sc.compute_spectrum(args.model, top=args.top, bottom=args.bottom, block=args.block,
                               workers=args.workers, dtype=args.dtype, tol=args.tol, max_iter=args.max_iter,
                               address=args.address, density=args.density, density_steps=args.density_steps,
-                              probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs)
+                              probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs,
+                              sharded_basis=args.sharded_basis)
     print(sc.to_json(out) if args.json else sc.format_spectrum(out))
     return 0
 
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probes", type=int, default=4, help="SLQ probe vectors")
     s.add_argument("--trace", action="store_true", help="Hessian trace by Hutch++")
     s.add_argument("--trace-matvecs", type=int, default=30, help="HVP budget of the trace estimate")
+    s.add_argument("--sharded-basis", action="store_true",
+                   help="keep the Lanczos basis on the workers, cut by parameter slice (large models)")
     s.add_argument("--address", help="Ray cluster for --workers > 1 (default: a local one)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_spectrum)

@@ -51,6 +51,18 @@ TABLES: dict[str, pa.Schema] = {
         ("dtype", pa.string()),
         ("seconds", pa.float64()),
     ]),
+    "block_spectra": pa.schema(_KEY + [   # per-block Hessians H_bb, one block per module (layer)
+        ("block", pa.string()),          # module name owning the block's parameters
+        ("dim", pa.int64()),             # parameters in the block
+        ("which", pa.string()),
+        ("rank", pa.int32()),
+        ("eigenvalue", pa.float64()),
+        ("residual", pa.float64()),      # true ||H_bb v - lambda v||
+        ("converged", pa.bool_()),
+        ("hvps", pa.int64()),            # block HVPs of this block's Lanczos run
+        ("seconds", pa.float64()),
+        ("dtype", pa.string()),
+    ]),
     "lanczos": pa.schema(_KEY + [
         ("which", pa.string()),
         ("alphas", pa.list_(pa.float64())),  # the tridiagonal, so densities can be re-derived later

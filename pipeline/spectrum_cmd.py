@@ -22,13 +22,24 @@ from pipeline.userfunc import UserSource
 def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None = None, workers: int = 1,
                      dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
                      address: str | None = None, density: bool = False, density_steps: int = 40,
-                     probes: int = 4, trace: bool = False, trace_matvecs: int = 30) -> dict:
+                     probes: int = 4, trace: bool = False, trace_matvecs: int = 30,
+                     sharded_basis: bool = False) -> dict:
     source = UserSource(ref, shards=workers)
     model, loss, batches = source(DTYPES[dtype])
     names = ParamSpace.matching(model, block).names if block else None
     t0 = time.perf_counter()
-    pool = None
-    if workers > 1:
+    pool, backend = None, None
+    if sharded_basis:
+        # The Krylov basis lives on the actors, cut by parameter slice: no process holds all of it.
+        from pipeline.cluster import connect
+        from pipeline.sharded_basis import ShardedBasis
+
+        if workers < 2:
+            raise ValueError("--sharded-basis needs --workers >= 2")
+        connect(num_cpus=workers, address=address)
+        backend = pool = ShardedBasis(source, workers, dtype, cpus_per_worker=1.0, names=names)
+        dim, matvec, method = pool.load(None), None, "sharded-basis"
+    elif workers > 1:
         from pipeline.cluster import connect
         from pipeline.spectra import ShardedHessian
 
@@ -45,13 +56,17 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         for which, k in (("LA", top), ("SA", bottom)):
             if k <= 0:
                 continue
+            if backend is not None:
+                backend.reset()
             res = lanczos(matvec, dim, k=min(k, dim), which=which, tol=tol, max_iter=min(max_iter, dim),
-                          seed=seed, dtype=torch.float64)
+                          seed=seed, dtype=torch.float64, backend=backend)
             key = "eigenvalues" if which == "LA" else "bottom_eigenvalues"
             out[key] = [float(x) for x in res.eigenvalues]
             out["residuals" if which == "LA" else "bottom_residuals"] = [float(x) for x in res.residuals]
             out["converged" if which == "LA" else "bottom_converged"] = [bool(c) for c in res.converged]
             out["hvps"] += int(res.n_matvec)
+        if (density or trace) and backend is not None:
+            raise ValueError("--density/--trace run on full vectors; drop --sharded-basis for them")
         if density:  # raw tridiagonals are kept so the density can be re-smoothed without new HVPs
             d = slq(matvec, dim, steps=min(density_steps, dim), probes=probes, seed=seed)
             nodes, weights = d.pooled()

@@ -49,6 +49,7 @@ class SpectraSpec:
     examples: int = 512
     microbatch: int = 128
     dtype: str = "float64"
+    block_top_k: int = 1  # per-block (per-layer) spectra: top eigenvalues of each H_bb; 0 = off
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def parse_study(data: dict, source: str = "") -> Study:
         top_k=sp.int("top_k", d.top_k, minimum=1), tol=sp.float("tol", d.tol, positive=True),
         max_iter=sp.int("max_iter", d.max_iter, minimum=2), workers=sp.int("workers", d.workers, minimum=1),
         examples=sp.int("examples", d.examples, minimum=1),
-        microbatch=sp.int("microbatch", d.microbatch, minimum=1), dtype=sp.str("dtype", d.dtype, choices=DTYPES))
+        microbatch=sp.int("microbatch", d.microbatch, minimum=1), dtype=sp.str("dtype", d.dtype, choices=DTYPES),
+        block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0))
     sp.done()
     if spectra.max_iter < spectra.top_k:
         raise StudyError("spectra.max_iter: must be >= spectra.top_k")

@@ -23,7 +23,7 @@ STUDY = {
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
     ],
 }
-TABLES = ["runs", "checkpoints", "spectra", "lanczos", "identities", "conservation"]
+TABLES = ["runs", "checkpoints", "spectra", "lanczos", "block_spectra", "identities", "conservation"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,13 @@ def test_all_tables_written_and_queryable(finished):
     _, rows = run_query(results, "select min(hvps), bool_and(converged) from spectra")
     assert rows[0][0] > 0 and rows[0][1]
     assert [s.run_id for s in summary] == ["cnn", "gpt2"] and len(summary[0].top_eigenvalues) == len(steps)
+    # one top eigenvalue per layer block per checkpoint; a block's top is at most the full top (Cauchy)
+    _, rows = run_query(results, """
+        select b.run_id, b.step, max(b.eigenvalue), max(s.eigenvalue), count(distinct b.block)
+        from block_spectra b join spectra s using (run_id, step) where s.rank = 0 group by all""")
+    assert len(rows) == 2 * len(steps)
+    for run, step, block_top, full_top, n_blocks in rows:
+        assert n_blocks >= 5 and block_top <= full_top * (1 + 1e-6), (run, step)
 
 
 def test_symmetries_hold_and_negative_control_fails_at_every_checkpoint(finished):
