@@ -139,6 +139,7 @@ class Step:
     grad_term: Tensor        # Q(g_t) (quadratic) or ⟨v, g_t⟩ (translation): the η² coefficient of SGD
     lr: float
     scale: float             # a generic first-order change of the same step: η‖u‖‖ξ_1(θ)‖
+    theta_norm: float = 0.0  # ‖θ_P‖ on the family's parameters: bounds the terms Q sums (rounding floor)
 
     @property
     def change(self) -> Tensor:
@@ -156,10 +157,12 @@ class Step:
         if self.predicted is None:
             return math.nan
         pc = self.predicted - self.before
-        # Q itself is computed with rounding ~ eps·‖Q‖ (more for sums over many terms), so a change below
-        # that floor is no change: without it an exactly conserved Q with a zero gradient (a bias before BN)
-        # reads 1e-17 / 1e-17 = O(1).
-        floor = _ROUNDING * float(torch.linalg.vector_norm(self.before) + torch.linalg.vector_norm(self.after))
+        # Q is a sum of terms θ_iθ_j (quadratic) or v_iθ_i (translation) that can cancel, so it is computed
+        # with rounding ~ eps·Σ|terms| ≤ eps·(‖θ_P‖² + √n‖θ_P‖), not eps·‖Q‖. A change below that floor is no
+        # change: without it an exactly conserved Q with a zero gradient (a bias before BN) reads 1e-17/1e-17.
+        t = self.theta_norm
+        floor = _ROUNDING * (float(torch.linalg.vector_norm(self.before) + torch.linalg.vector_norm(self.after))
+                             + t * t + math.sqrt(self.before.numel()) * t)
         return float(torch.linalg.vector_norm(self.change - pc) / (torch.linalg.vector_norm(pc) + self.scale + floor))
 
 
@@ -172,11 +175,13 @@ def _grads(model, loss, batch) -> dict:
             for n, p in model.named_parameters()}
 
 
-def _ones_scale(t: Continuous, theta, u, lr) -> float:
-    """η‖u‖‖ξ_1(θ)‖: how much Σ_k Q_k would move at first order under a step not tied to the symmetry."""
+def _ones_scale(t: Continuous, theta, u, lr, g_all: float = 0.0) -> float:
+    """η(‖u_P‖ + ‖g‖)‖ξ_1(θ)‖: how much Σ_k Q_k would move at first order under a step of this size not
+    tied to the symmetry. The full gradient norm ‖g‖ keeps the scale meaningful when the family's own
+    gradient vanishes identically (a bias before BatchNorm), where ‖u_P‖ alone would be 0."""
     c = torch.ones(t.n_generators, dtype=torch.float64)
     xi = t.xi({n: theta[n] for n in t.params}, c)
-    return float(lr * norm({n: u[n] for n in t.params}) * norm(xi))
+    return float(lr * (float(norm({n: u[n] for n in t.params})) + g_all) * norm(xi))
 
 
 def run_steps(model, loss, batch, t: Continuous, optimizer: torch.optim.Optimizer, steps: int = 3) -> list[Step]:
@@ -206,7 +211,8 @@ def run_steps(model, loss, batch, t: Continuous, optimizer: torch.optim.Optimize
         optimizer.step()
         after = quantity(t, named_params(model))
         gt = bilinear(t, g, g) if is_quadratic(t) else linear(t, g)
-        out.append(Step(before, after, pred, gt, lr, _ones_scale(t, theta, u, lr)))
+        out.append(Step(before, after, pred, gt, lr, _ones_scale(t, theta, u, lr, float(norm(g))),
+                        float(norm({n: theta[n] for n in t.params}))))
     return out
 
 

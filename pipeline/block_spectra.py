@@ -71,39 +71,60 @@ def assign(sizes: dict[str, int], workers: int) -> list[list[str]]:
     return out
 
 
+class BlockSpectraPool:
+    """Actors that each own whole blocks; kept across checkpoints so a run pays their start-up once."""
+
+    def __init__(self, source, workers: int = 2, dtype: str = "float64", cpus_per_worker: float = 1.0,
+                 blocks: dict[str, list[str]] | None = None):
+        self.source, self.dtype, self.cpus = source, dtype, cpus_per_worker
+        model = source(DTYPES[dtype])[0]
+        self.blocks = layer_blocks(model) if blocks is None else blocks
+        sizes = {b: ParamSpace(model, names).dim for b, names in self.blocks.items()}
+        self.plan = [p for p in assign(sizes, workers) if p]
+        self.actors = [self._spawn() for _ in self.plan]
+
+    def _spawn(self):
+        return BlockActor.options(num_cpus=self.cpus).remote(self.source, self.dtype, max(1, int(self.cpus)))
+
+    def run(self, state: dict | None = None, k: int = 3, which: str = "LA", tol: float = 1e-8,
+            max_iter: int = 200, seed: int = 0) -> list[dict]:
+        """Top-``k`` (or bottom) eigenpairs of every block's Hessian at ``state``, in block order."""
+        state_ref = None if state is None else ray.put({k_: v.cpu() for k_, v in state.items()})
+
+        def submit(i):
+            part = {b: self.blocks[b] for b in self.plan[i]}
+            return self.actors[i].spectra.remote(state_ref, part, k, which, tol, max_iter, seed)
+
+        jobs = [submit(i) for i in range(len(self.plan))]
+        rows = []
+        for i in range(len(self.plan)):
+            for attempt in range(2):
+                try:
+                    rows += ray.get(jobs[i])
+                    break
+                except RayActorError:  # the actor holds nothing that the source cannot rebuild
+                    if attempt == 1:
+                        raise
+                    self.actors[i] = self._spawn()
+                    jobs[i] = submit(i)
+        order = {b: j for j, b in enumerate(self.blocks)}
+        return sorted(rows, key=lambda r: (order[r["block"]], r["rank"]))
+
+    def shutdown(self):
+        for a in self.actors:
+            ray.kill(a)
+
+
 def block_spectra(source, blocks: dict[str, list[str]] | None = None, workers: int = 2, k: int = 3,
                   which: str = "LA", tol: float = 1e-8, max_iter: int = 200, seed: int = 0,
                   dtype: str = "float64", cpus_per_worker: float = 1.0, state: dict | None = None) -> list[dict]:
     """Top-``k`` (or bottom) eigenpairs of every block's Hessian, blocks spread over ``workers`` actors.
 
     ``blocks``: {block name: parameter names}; default `layer_blocks` of the source's model.
-    Returns rows in the order of ``blocks``.
+    Returns rows in the order of ``blocks``. (One-off: `BlockSpectraPool` keeps the actors.)
     """
-    model = source(DTYPES[dtype])[0]
-    blocks = layer_blocks(model) if blocks is None else blocks
-    sizes = {b: ParamSpace(model, names).dim for b, names in blocks.items()}
-    plan = [p for p in assign(sizes, workers) if p]
-    state_ref = None if state is None else ray.put({k_: v.cpu() for k_, v in state.items()})
-    threads = max(1, int(cpus_per_worker))
-
-    def run(part):
-        actor = BlockActor.options(num_cpus=cpus_per_worker).remote(source, dtype, threads)
-        return actor, actor.spectra.remote(state_ref, {b: blocks[b] for b in part}, k, which, tol, max_iter, seed)
-
-    jobs = [run(part) for part in plan]
-    rows = []
+    pool = BlockSpectraPool(source, workers, dtype, cpus_per_worker, blocks)
     try:
-        for i, part in enumerate(plan):
-            for attempt in range(2):
-                try:
-                    rows += ray.get(jobs[i][1])
-                    break
-                except RayActorError:
-                    if attempt == 1:
-                        raise
-                    jobs[i] = run(part)
+        return pool.run(state, k, which, tol, max_iter, seed)
     finally:
-        for actor, _ in jobs:
-            ray.kill(actor)
-    order = {b: j for j, b in enumerate(blocks)}
-    return sorted(rows, key=lambda r: (order[r["block"]], r["rank"]))
+        pool.shutdown()

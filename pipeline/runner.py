@@ -17,7 +17,7 @@ import ray
 from pipeline import checkpoint as ckpt
 from pipeline import store
 from pipeline.cluster import connect
-from pipeline.block_spectra import block_spectra
+from pipeline.block_spectra import BlockSpectraPool
 from pipeline.conservation_stage import conservation_rows
 from pipeline.identities import identity_rows
 from pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
@@ -95,15 +95,19 @@ def _stage_block_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], re
     if sp.block_top_k == 0 or not todo:
         return
     source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
-    for s in todo:  # blocks of one checkpoint are spread over the actors; checkpoints run in turn
-        rows = block_spectra(source, workers=sp.workers, k=sp.block_top_k, tol=sp.tol, max_iter=sp.max_iter,
-                             seed=study.seed, dtype=sp.dtype, cpus_per_worker=study.num_cpus / sp.workers,
-                             state=ckpt.load_state(steps[s]))
-        rows = [{**r, "dtype": sp.dtype} for r in rows]
-        store.write_rows(results, "block_spectra", spec.run_id, s, rows, study.name, study.hash)
-        top = max(rows, key=lambda r: r["eigenvalue"])
-        log(f"[blocks] {spec.run_id}: step {s}: {len({r['block'] for r in rows})} blocks, sharpest "
-            f"{top['block']} ({top['eigenvalue']:.4g}), {sum(r['hvps'] for r in rows if r['rank'] == 0)} block HVPs")
+    pool = BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
+    try:
+        for s in todo:  # blocks of one checkpoint are spread over the actors; checkpoints run in turn
+            rows = pool.run(ckpt.load_state(steps[s]), k=sp.block_top_k, tol=sp.tol, max_iter=sp.max_iter,
+                            seed=study.seed)
+            rows = [{**r, "dtype": sp.dtype} for r in rows]
+            store.write_rows(results, "block_spectra", spec.run_id, s, rows, study.name, study.hash)
+            top = max(rows, key=lambda r: r["eigenvalue"])
+            log(f"[blocks] {spec.run_id}: step {s}: {len({r['block'] for r in rows})} blocks, sharpest "
+                f"{top['block']} ({top['eigenvalue']:.4g}), {sum(r['hvps'] for r in rows if r['rank'] == 0)} "
+                f"block HVPs ({sum(r['seconds'] for r in rows if r['rank'] == 0):.1f}s of actor time)")
+    finally:
+        pool.shutdown()
 
 
 def _stage_identities(study: Study, spec: RunSpec, steps: dict[int, Path], results: Path, log) -> None:
