@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-BATCH, SEQ, REPEATS = 8, 64, 3
+BATCH, SEQ, REPEATS = 4, 64, 2
 
 
 class Pooled(nn.Module):
@@ -48,7 +48,7 @@ def problem():
 
 
 def main(lib: str):
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     from bench.metrics import peak_rss_mb
     model, loss, X, y = problem()
     params = [p for p in model.parameters() if p.requires_grad]

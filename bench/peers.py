@@ -128,6 +128,8 @@ class Curvlinops(Adapter):
     def trace(self, n, method="hutch++", seed=0):
         from curvlinops import hutchinson_trace, hutchpp_trace, xtrace
         fn = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace, "xtrace": xtrace}[method]
+        if method == "hutch++":
+            n = 3 * (n // 3)  # curvlinops requires a multiple of 3 (so 10 -> 9, 100 -> 99)
         torch.manual_seed(seed)  # curvlinops draws its probes from the global generator
         return float(fn(_CountingTorchOp(self), n))
 
@@ -175,7 +177,9 @@ class PyHessian(Adapter):
         if names is not None:
             raise NotImplementedError("PyHessian has no per-block Hessian (issue #10)")
         super().__init__(problem, names)
-        import pyhessian.hessian as ph
+        import importlib
+        # the package re-exports the class under the module's name, so fetch the module itself
+        ph = importlib.import_module("pyhessian.hessian")
         self._ph = ph
         crit = problem.loss
         with self._dtype_ctx():
