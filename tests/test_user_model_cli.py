@@ -70,6 +70,15 @@ def test_spectrum_sharded_bottom_and_block(user_file, ray_cluster):
     assert abs(block["eigenvalues"][0] - np.linalg.eigvalsh(sub.numpy())[-1]) <= 1e-6 * abs(block["eigenvalues"][0])
 
 
+def test_spectrum_on_a_sharded_basis(user_file, ray_cluster):
+    ref = f"{user_file}:relu_mlp"
+    out = compute_spectrum(ref, top=3, workers=2, sharded_basis=True)
+    assert out["method"] == "sharded-basis"
+    assert np.allclose(out["eigenvalues"], dense_spectrum(ref)[::-1][:3], rtol=1e-6, atol=0)
+    proc = eqlab("spectrum", ref, "--sharded-basis")  # needs --workers >= 2: a usage error, not a traceback
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
 def test_spectrum_trace_and_density(user_file):
     ref = f"{user_file}:relu_mlp"
     out = compute_spectrum(ref, top=1, density=True, density_steps=60, probes=2, trace=True, trace_matvecs=198)
