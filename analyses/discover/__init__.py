@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.discover import attention, homogeneity, residual
+from analyses.discover import attention, gated, homogeneity, residual
 from analyses.discover.graph import trace
 from analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
                                         rescales, sign_flips, softmax_translations,
@@ -89,7 +89,7 @@ def candidates(model, loss, batch, trace_examples: int = 4):
     graph = trace(model, loss, _subset(batch, trace_examples))
     pairs = activation_pairs(graph)
     found = (softmax_translations(graph) + batchnorm_scales(graph) + rescales(graph, pairs)
-             + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
+             + gated.gated_units(graph) + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
              + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph))
     return found, negative_controls_from(graph, pairs)
 

@@ -80,6 +80,65 @@ def _per_head(lab, feat_axis):
     return [row.tolist() for row in lab]
 
 
+def _groups_by(heads):
+    """[(features, [head indices reading exactly them])] in first-seen order."""
+    out: dict[tuple, list] = {}
+    for h, f in enumerate(heads):
+        out.setdefault(tuple(f), []).append(h)
+    return [(list(f), hs) for f, hs in out.items()]
+
+
+def _rotary_qk(graph: Graph, q, kt, sm):
+    """Q/K through a measured linear region: the commutant family (and the full GL it breaks)."""
+    import torch
+
+    from analyses.discover import commutant as cm
+    from analyses.transforms import SubGLFamily
+
+    aq, rq = cm.linear_origin(graph, q)
+    ak, rk = cm.linear_origin(graph, kt)
+    if aq is None or ak is None:
+        return None
+    Jq, Jk = cm.feature_maps(aq, rq, q), cm.feature_maps(ak, rk, kt, transpose=True)
+    if Jq is None or Jk is None or Jq.shape[2] != Jk.shape[2]:
+        return None
+    sq, sk = cm.head_supports(Jq), cm.head_supports(Jk)
+    m = len(sq[0])
+    if any(len(x) != m for x in sq + sk):
+        return None
+    blocks, basis, moving = [], None, False
+    for hk, hs in _groups_by(sk):
+        As = []
+        for h in hs:
+            Lq, Lk = Jq[sq[h]][:, :, h], Jk[hk][:, :, h]                 # (m, B, T, d)
+            A = torch.einsum("ibtd,jbsd->btsij", Lq, Lk).reshape(-1, m, m)
+            As.append(A)
+            moving |= bool((A - A[:1]).abs().max() > 1e-12 * A.abs().max())
+        b_ = cm.pair_basis(torch.cat(As), m)
+        if basis is not None and b_ != basis:
+            return None  # different heads keep different subalgebras: not one family (not seen yet)
+        basis = b_
+        b = []
+        for h in hs:
+            b += [[aq.weight, aq.w_out, sq[h], "M"]] + ([[aq.bias, 0, sq[h], "M"]] if aq.bias else [])
+        b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
+        blocks.append(b)
+    cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
+    cav += _precision_caveats(sm)
+    where, out = _short(aq.weight), []
+    if cm.is_plain_gl(basis, m):
+        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav))
+    else:
+        if basis:
+            out.append(Candidate(SubGLFamily(f"qk_commutant[{where}]", "qk_commutant", blocks, basis), cav))
+        why = ("rotary embedding: the queries and keys pass through position-dependent linear maps before "
+               f"the scores, which keep only their commutant ({len(basis)} of {m * m} generators per head)"
+               if moving else "a linear map between the projections and the scores keeps only "
+               f"{len(basis)} of {m * m} generators per head")
+        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav + [why]))
+    return out, (aq, ak, sq, sk)
+
+
 def attention_groups(graph: Graph) -> list:
     out = []
     for op in graph.ops_named("matmul"):
@@ -95,32 +154,40 @@ def attention_groups(graph: Graph) -> list:
         aq, cq = _producer_affine(graph, q)
         ak, ck = _producer_affine(graph, kt)
         if aq is None or ak is None or aq.w_out is None or ak.w_out is None:
-            continue
-        lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
-            axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
-        if lq is None or lk is None:
-            continue
-        heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
-        heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
-        if not heads_q or not heads_k or len(heads_q) != len(heads_k):
-            continue
-        cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
-        cav += _precision_caveats(sm)
-        blocks = []
-        for hq, hk in zip(heads_q, heads_k):
-            b = [[aq.weight, aq.w_out, hq, "M"]] + ([[aq.bias, 0, hq, "M"]] if aq.bias else [])
-            b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
-            blocks.append(b)
-        where = _short(aq.weight)
-        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav))
-        if ak.bias is not None:  # adding δ to the key bias shifts every score of a query by q·δ
-            cols = sorted(c for h in heads_k for c in h)
-            tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
-                                   [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
-            out.append(Candidate(tf, _precision_caveats(sm)))
+            found = _rotary_qk(graph, q, kt, sm)   # a linear but position-dependent region (RoPE)
+            if found is None:
+                continue
+            cands, (aq, ak, heads_q, heads_k) = found
+            out += cands
+        else:
+            lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
+                axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
+            if lq is None or lk is None:
+                continue
+            heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
+            heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
+            if not heads_q or not heads_k or len(heads_q) != len(heads_k):
+                continue
+            cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
+            cav += _precision_caveats(sm)
+            blocks = []
+            for hk, hs in _groups_by(heads_k):   # query heads sharing a key head share one M (GQA)
+                b = []
+                for h in hs:
+                    b += [[aq.weight, aq.w_out, heads_q[h], "M"]] + ([[aq.bias, 0, heads_q[h], "M"]] if aq.bias else [])
+                b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
+                blocks.append(b)
+            where = _short(aq.weight)
+            out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav))
+            if ak.bias is not None:  # adding δ to the key bias shifts every score of a query by q·δ
+                cols = sorted({c for h in heads_k for c in h})
+                tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
+                                       [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
+                out.append(Candidate(tf, _precision_caveats(sm)))
         vo = _value_output(graph, sm, heads_q)
         if vo is not None:
             out.append(vo)
+            out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k)
     return out
 
 
@@ -177,14 +244,58 @@ def _value_output(graph: Graph, sm, heads_q):
     if not bool((lo == lo[:1]).all()):
         return None
     rows = lo[0].long().tolist()                            # consumer input feature j carries V feature rows[j]
-    where = {c: j for j, c in enumerate(rows)}
     blocks = []
-    for h in heads_v:
-        if any(c not in where for c in h):
-            return None
-        js = [where[c] for c in h]
-        b = [[av.weight, av.w_out, h, "M"]] + ([[av.bias, 0, h, "M"]] if av.bias else [])
-        b.append([ao.weight, ao.w_in, js, "-MT"])
+    # o_proj input position j carries (query head j // d, V feature rows[j]): with grouped-query attention
+    # several query heads read the same V head, so one M acts on that V head and on all of their O slices
+    d = len(heads_v[0])
+    for hv, hs in _groups_by(heads_v):
+        b = [[av.weight, av.w_out, hv, "M"]] + ([[av.bias, 0, hv, "M"]] if av.bias else [])
+        for h in hs:
+            js = [h * d + hv.index(c) for c in hv] if len(rows) == len(heads_v) * d else None
+            if js is None or any(rows[j] != c for j, c in zip(js, hv)):
+                return None
+            b.append([ao.weight, ao.w_in, js, "-MT"])
         blocks.append(b)
     cav = shared_caveats(graph, ao) + _precision_caveats(sm)
-    return Candidate(GLFamily(f"vo_gl[{_short(av.weight)}->{_short(ao.weight)}]", "vo_gl", blocks), cav)
+    c = Candidate(GLFamily(f"vo_gl[{_short(av.weight)}->{_short(ao.weight)}]", "vo_gl", blocks), cav)
+    c.heads = (av, ao, heads_v, [[h * d + j for j in range(d)] for h in range(len(heads_v))])
+    return c
+
+
+def _head_swap(graph: Graph, affs, heads_q, heads_k):
+    """Swap key/value head 0 with 1 together with the query heads reading them (pairwise, in order) and
+    their output-projection slices; with a single key/value head, swap its first two query heads."""
+    from analyses.transforms import Permutation
+
+    aq, ak, av, ao, heads_v, o_cols = affs
+    groups = _groups_by(heads_k)
+    if len(heads_v) != len(heads_q) or len(o_cols) != len(heads_q):
+        return []
+    if len(groups) >= 2 and len(groups[0][1]) == len(groups[1][1]):
+        qpairs, kv = list(zip(groups[0][1], groups[1][1])), (groups[0][1][0], groups[1][1][0])
+    elif len(groups[0][1]) >= 2:
+        qpairs, kv = [tuple(groups[0][1][:2])], None
+    else:
+        return []
+    perms = {}
+
+    def swap(a, axis, f, g, bias=False):
+        name = a.bias if bias else a.weight
+        if name is None:
+            return
+        perm = perms.setdefault((name, axis), list(range(_shape(graph, name)[axis])))
+        for x, y in zip(f, g):
+            perm[x], perm[y] = perm[y], perm[x]
+
+    for h1, h2 in qpairs:
+        for bias in (False, True):
+            swap(aq, 0 if bias else aq.w_out, heads_q[h1], heads_q[h2], bias)
+        swap(ao, ao.w_in, o_cols[h1], o_cols[h2])
+    if kv is not None:
+        g1, g2 = kv
+        for a, hs in ((ak, heads_k), (av, heads_v)):
+            for bias in (False, True):
+                swap(a, 0 if bias else a.w_out, hs[g1], hs[g2], bias)
+    terms = [[n, d, p] for (n, d), p in perms.items()]
+    what = "kv heads 0<->1" if kv is not None else f"query heads {qpairs[0][0]}<->{qpairs[0][1]}"
+    return [Candidate(Permutation(f"head_permutation[{_short(ao.weight)}]({what})", "head_permutation", terms), [])]

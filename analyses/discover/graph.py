@@ -260,6 +260,11 @@ def trace(model: torch.nn.Module, loss, batch) -> Graph:
                 b.copy_(saved[n])
     names = {id(p): n for n, p in model.named_parameters()}
     graph = Graph(rec.ops, names)
+    from analyses.discover.norms import fuse_norms
+
+    fused = fuse_norms(graph)  # normalisations written as several ops -> one rms_norm / layer_norm op
+    if fused is not graph.ops:
+        graph = Graph(fused, names)
     from analyses.identities import output_tensor
 
     graph.output = output_tensor(out)  # the model output f (for equivariance)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "conv1d", "conv2d", "conv3d"}
-NORM_OPS = {"batch_norm", "layer_norm"}
+NORM_OPS = {"batch_norm", "layer_norm", "rms_norm"}  # rms_norm: also fused from its ops (norms.py)
 HOMOGENEOUS_ACT = {"relu", "leaky_relu", "relu_"}         # positively 1-homogeneous: σ(αx) = ασ(x), α > 0
 ELEMENTWISE_ACT = HOMOGENEOUS_ACT | {"gelu", "silu", "tanh", "sigmoid", "elu", "selu", "celu", "softplus",
                                      "mish", "hardswish", "hardtanh", "relu6", "softsign", "sin"}
@@ -84,6 +84,14 @@ def affine(graph, op) -> Affine | None:
         eps = op.arg(4, "eps", 1e-5)
         return Affine(op, x, graph.param(w), graph.param(b), 0, None, -1, -1, "norm",
                       [f"layer_norm eps={eps:g}: scale invariance is broken by ~eps/Var(input)"])
+    if op.name == "rms_norm":  # native F.rms_norm, or a normalisation fused from its ops (no mean subtraction)
+        x, shape, w, eps = op.arg(0, "input"), op.arg(1, "normalized_shape"), op.arg(2, "weight"), op.arg(3, "eps")
+        if len(shape) != 1:
+            return None
+        eps = 0.0 if eps is None else float(eps)
+        cav = [f"rms_norm eps={eps:g}: scale invariance is broken by ~eps/mean(input²)"] if eps > 0 else []
+        cav += getattr(op, "precision", [])
+        return Affine(op, x, graph.param(w), None, 0, None, -1, -1, "norm", cav)
     if op.name == "embedding":
         ids, w = op.arg(0, "input"), op.arg(1, "weight")
         if graph.param(w) is None:

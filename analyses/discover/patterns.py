@@ -284,7 +284,8 @@ def rescales(graph: Graph, pairs=None) -> list[Candidate]:
     out = []
     for p in pairs if pairs is not None else activation_pairs(graph):
         if p.act is None:
-            family = "ln_gain_rescale" if p.producer.op.name == "layer_norm" else "bn_gain_rescale"
+            family = {"layer_norm": "ln_gain_rescale", "rms_norm": "rms_gain_rescale"}.get(p.producer.op.name,
+                                                                                           "bn_gain_rescale")
             name = family
             cav = list(p.caveats)
         else:

@@ -15,6 +15,12 @@ from analyses.discover.patterns import Candidate, _shape, _short
 from analyses.transforms import ScaleFamily, TranslationFamily
 
 _ADD = {"add", "__add__", "__radd__"}
+_NORMS = ("layer_norm", "rms_norm")  # rms_norm: no mean subtraction, so the stream has no translation
+
+
+def _eps(op):
+    e = op.arg(4, "eps", 1e-5) if op.name == "layer_norm" else op.arg(3, "eps", None)
+    return 0.0 if e is None else float(e)
 
 
 def _stream(graph: Graph, start):
@@ -53,7 +59,7 @@ def _stream(graph: Graph, start):
 
 def residual_stream(graph: Graph) -> list[Candidate]:
     out, done = [], set()
-    lns = [op for op in graph.ops_named("layer_norm") if len(op.arg(1, "normalized_shape")) == 1]
+    lns = [op for op in graph.ops_named(*_NORMS) if len(op.arg(1, "normalized_shape")) == 1]
     for ln in reversed(lns):  # the last LayerNorm sees the whole stream; earlier ones read parts of it
         x = ln.leaves[ln.tensor_positions()[0]]
         if id(x) in done:
@@ -65,14 +71,18 @@ def residual_stream(graph: Graph) -> list[Candidate]:
         readers = set()
         for t in seen.values():
             for op, _ in graph.consumers(t):
-                if op.name == "layer_norm":
+                if op.name in _NORMS and op.leaves[op.tensor_positions()[0]] is t:
                     readers.add(op.index)
                 elif not any(id(o) in seen for o in op.outputs):
                     problems.append(f"the stream is read by {op.name} outside a LayerNorm (e.g. post-LN)")
-        eps = {ln2.arg(4, "eps", 1e-5) for ln2 in graph.ops if ln2.index in readers}
+        kinds = {op.name for op in graph.ops if op.index in readers}
+        eps = {(op.name, _eps(op)) for op in graph.ops if op.index in readers}
         shared = [c for a in writers if not isinstance(a, str) for c in shared_caveats(graph, a)]
-        cav = problems + shared + [f"layer_norm eps={e:g}: the joint scale is broken by ~eps/Var(stream)" for e in sorted(eps)]
-        family = "ln_residual_scale" if len(writers) > 1 else "ln_scale"
+        cav = problems + shared + [f"{n} eps={e:g}: the joint scale is broken by ~eps/Var(stream)"
+                                   for n, e in sorted(eps) if e > 0]
+        cav += sorted({c for op in graph.ops if op.index in readers for c in getattr(op, "precision", [])})
+        pre = "ln" if kinds == {"layer_norm"} else "rms"
+        family = f"{pre}_residual_scale" if len(writers) > 1 else f"{pre}_scale"
         gens = []
         terms, shapes = [], {}
         for a in sorted(writers, key=lambda a: a.op.index if not isinstance(a, str) else -1):
@@ -88,8 +98,10 @@ def residual_stream(graph: Graph) -> list[Candidate]:
                 gens.append([a.bias, None, None, 1.0])
                 shapes[a.bias] = list(_shape(graph, a.bias))
                 terms.append([a.bias, 0, None, "broadcast"])
-        tag = f"{len(writers)} writers->{len(readers)} layer_norms"
+        tag = f"{len(writers)} writers->{len(readers)} {pre}_norms"
         out.append(Candidate(ScaleFamily(f"{family}[{tag}]", family, [gens]), cav))
+        if pre != "ln":  # some reader only divides by the rms (no mean subtraction): no translation
+            continue
         tfam = "ln_residual_translation" if len(writers) > 1 else "ln_translation"
         out.append(Candidate(TranslationFamily(f"{tfam}[{tag}]", tfam, terms, shapes), list(problems) + shared))
     return out

@@ -16,8 +16,8 @@ the other axes (dim=None: the whole tensor). Conventions follow the tensors as s
 (out, in), transformers' Conv1D weights are (in, out).
 """
 from analyses.transforms.base import ParamDict, Transformation
-from analyses.transforms.continuous import Continuous, GLFamily, ScaleFamily, TranslationFamily
+from analyses.transforms.continuous import Continuous, GLFamily, ScaleFamily, SubGLFamily, TranslationFamily
 from analyses.transforms.discrete import Discrete, GroupElement, LinearMap, Permutation, SignFlip
 
-__all__ = ["ParamDict", "Transformation", "Continuous", "GLFamily", "ScaleFamily", "TranslationFamily",
+__all__ = ["ParamDict", "Transformation", "Continuous", "GLFamily", "ScaleFamily", "SubGLFamily", "TranslationFamily",
            "Discrete", "GroupElement", "LinearMap", "Permutation", "SignFlip"]

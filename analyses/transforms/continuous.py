@@ -260,3 +260,65 @@ class GLFamily(Continuous):
         return c * scale
 
 
+
+
+@_register
+class SubGLFamily(Continuous):
+    """GL(k) per block restricted to a Lie subalgebra with an explicit basis (not a GLFamily: its conserved
+    quantities are the basis projections, not the full k×k matrices). Blocks as in GLFamily; ``basis`` is a
+    list of pairs (M_j, N_j), each a sparse list of [mode, row, col, value] entries with mode "M" or "N":
+    terms "M" map x ↦ x·e^{sM}, terms "-MT" map x ↦ x·e^{sN}, M = Σ c_j M_j, N = Σ c_j N_j (the same basis
+    in every block). A pair leaves x_M·A·x_Nᵀ invariant iff M A + A Nᵀ = 0; N = −Mᵀ is plain GL. Rotary
+    attention: Q/K restricted to the commutant of the rotations (2 generators per frequency pair)."""
+
+    def __init__(self, name, family, blocks, basis, expected=True):
+        super().__init__(name, family, expected)
+        self.blocks = [[[p, int(d), list(map(int, i)), m] for p, d, i, m in b] for b in blocks]
+        self.basis = [[[m, int(r), int(c), float(v)] for m, r, c, v in e] for e in basis]
+        self.k = len(self.blocks[0][0][2])
+
+    @property
+    def params(self):
+        return list(dict.fromkeys(t[0] for b in self.blocks for t in b))
+
+    @property
+    def n_generators(self):
+        return len(self.basis) * len(self.blocks)
+
+    def _fields(self):
+        return {"blocks": self.blocks, "basis": self.basis}
+
+    def _pairs(self, c):
+        """(M, N) per block from the coefficient vector."""
+        out, nb = [], len(self.basis)
+        for b in range(len(self.blocks)):
+            M = torch.zeros(self.k, self.k, dtype=torch.float64)
+            N = torch.zeros(self.k, self.k, dtype=torch.float64)
+            for cj, e in zip(c[b * nb:(b + 1) * nb].double().tolist(), self.basis):
+                for m, r, col, v in e:
+                    (M if m == "M" else N)[r, col] += cj * v
+            out.append((M, N))
+        return out
+
+    _act = GLFamily._act
+
+    def xi(self, theta, c):
+        return self._act(theta, [{"M": M, "-MT": N} for M, N in self._pairs(c)], additive=True)
+
+    def _group(self, c, s, cot=False):
+        mats = []
+        for M, N in self._pairs(c):
+            G, H = torch.linalg.matrix_exp(s * M), torch.linalg.matrix_exp(s * N)
+            mats.append({"M": torch.linalg.inv(G).T, "-MT": torch.linalg.inv(H).T} if cot else {"M": G, "-MT": H})
+        return mats
+
+    def exp(self, theta, c, s):
+        return self._act(theta, self._group(c, s), additive=False)
+
+    tangent = exp
+
+    def cotangent(self, v, c, s):
+        return self._act(v, self._group(c, s, cot=True), additive=False)
+
+    def random_coeffs(self, gen, theta, dtype=torch.float64):
+        return torch.randn(self.n_generators, generator=gen, dtype=dtype) / math.sqrt(self.k)
