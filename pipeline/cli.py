@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.cluster import ClusterError
     from pipeline.query import QueryError
     from pipeline.study import StudyError
     from pipeline.userfunc import UserModelError
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudyError, QueryError, UserModelError) as e:
+    except (StudyError, QueryError, UserModelError, ClusterError) as e:
         print(f"eqlab: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `eqlab query ... | head`: the reader left, nothing is wrong

@@ -147,10 +147,10 @@ def _stage_conservation(study: Study, spec: RunSpec, steps: dict[int, Path], res
 def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
               log=print) -> list[RunSummary]:
     results = Path(results).resolve()
-    results.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log(f"eqlab: study {study.name!r} ({study.source}), {len(study.runs)} runs -> {results}")
     resources = connect(study.num_cpus, address=address, dashboard=dashboard)
+    results.mkdir(parents=True, exist_ok=True)
     log(f"[ray] cluster ready: {resources.get('CPU', 0):g} CPUs ({time.time() - t0:.1f}s)")
     for i, spec in enumerate(study.runs, 1):
         log(f"== run {i}/{len(study.runs)}: {spec.run_id}")

@@ -71,3 +71,15 @@ def test_cli_rejects_invalid_toml(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unreachable_cluster_is_one_line_and_fast(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--address", f"127.0.0.1:{port}",
+                           "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no Ray cluster answers at 127.0.0.1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
