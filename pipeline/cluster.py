@@ -65,7 +65,8 @@ def connect(num_cpus: float = 2, address: str | None = None, dashboard: bool = F
                                    "for a token-authenticated cluster set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                                    "(or ~/.ray/auth_token), or use --address auto on a cluster node") from None
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+            # address="local": always a fresh embedded cluster, never one a `ray start` left running here.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      object_store_memory=object_store_mb * 2**20, runtime_env=runtime_env,
                      log_to_driver=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     return ray.cluster_resources()
