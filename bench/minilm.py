@@ -1,6 +1,6 @@
 """MiniLM-L6 HVP throughput and peak memory, one library per subprocess (peak RSS is per process).
 
-Run as ``python -m bench.minilm LIB`` (LIB in eqlab_dbl, eqlab_fwd, curvlinops, pyhessian, eigenthings);
+Run as ``python -m bench.minilm LIB`` (LIB in eqlab_dbl, eqlab_fwd, eqlab_cached, curvlinops, pyhessian, eigenthings);
 prints one JSON line. The loss is a squared error of the mean-pooled embedding against a fixed random
 target (written out, not ``F.mse_loss``, which breaks forward-over-reverse on torch 2.13). Attention is
 eager (SDPA has no double backward on CPU); the pooler is frozen (unused by the loss).
@@ -61,7 +61,8 @@ def main(lib: str):
     if lib.startswith("eqlab"):
         from analyses.curvature.operator import HessianOperator
         op = HessianOperator(model, loss, (X, y), method={"eqlab_dbl": "double_backward",
-                                                          "eqlab_fwd": "forward_over_reverse"}[lib])
+                                                          "eqlab_fwd": "forward_over_reverse",
+                                                          "eqlab_cached": "double_backward_cached"}[lib])
         hvp = lambda: op.matvec(v)  # noqa: E731
     elif lib == "curvlinops":
         from curvlinops import HessianLinearOperator

@@ -71,10 +71,11 @@ class Eqlab(Adapter):
         self.n_hvp += 1
         return self.op.matvec(v)
 
-    def topk(self, k=5, tol=1e-8, max_iter=None, seed=0):
+    def topk(self, k=5, tol=1e-8, max_iter=None, seed=0, rtol=None, min_iter=None):
         from analyses.curvature.lanczos import lanczos
         before = self.n_hvp
-        res = lanczos(self.matvec, self.dim, k=k, which="LA", tol=tol, max_iter=max_iter, seed=seed)
+        res = lanczos(self.matvec, self.dim, k=k, which="LA", tol=tol, max_iter=max_iter, seed=seed,
+                      rtol=rtol, min_iter=min_iter)
         return res.eigenvalues.numpy(), self.n_hvp - before, res
 
     def trace(self, n, method="hutch++", seed=0):

@@ -88,6 +88,13 @@ class HessianShardCore:
         hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
         return hv.double().numpy(), n
 
+    def sum_matmat(self, V: np.ndarray):
+        """Σ n_b H_b V over this shard's micro-batches for V of shape (dim, k): k products, one call."""
+        if self.op is None:
+            return np.zeros(V.shape), 0
+        hv, n = self.op.sum_matmat(torch.as_tensor(np.array(V), dtype=self.dtype))
+        return hv.double().numpy(), n
+
 
 HessianShard = ray.remote(HessianShardCore)
 
@@ -143,18 +150,37 @@ class ShardedHessian:
         self.n_examples = sum(n for _, n in parts)
         return torch.from_numpy(total / self.n_examples)
 
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H V for V of shape (dim, k): the k columns travel in one round trip per actor (SLQ probes,
+        Hutch++ sketches, block Lanczos), and each actor batches them over its graphs (`sum_matmat`)."""
+        if V.dim() != 2:
+            raise ValueError(f"expected a (dim, k) matrix, got shape {tuple(V.shape)}")
+        ref = ray.put(V.detach().double().cpu().numpy())
+        parts = self._call("sum_matmat", ref)
+        total = np.zeros_like(parts[0][0])
+        for hv, _ in parts:
+            total += hv
+        self.n_hvp += V.shape[1]
+        self.n_examples = sum(n for _, n in parts)
+        return torch.from_numpy(total / self.n_examples)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
     def shutdown(self):
         for a in self.actors:
             ray.kill(a)
 
 
 def spectrum_rows(pool: ShardedHessian, state: dict | None, top_k: int, tol: float, max_iter: int,
-                  seed: int = 0, which: str = "LA"):
-    """Lanczos on the pool at one checkpoint; returns (spectra rows, lanczos row)."""
+                  seed: int = 0, which: str = "LA", rtol: float | None = None):
+    """Lanczos on the pool at one checkpoint; returns (spectra rows, lanczos row).
+
+    ``rtol``: `lanczos`' per-eigenvalue stopping rule instead of ``tol`` (see `lanczos`)."""
     dim = pool.load(state)
     t0 = time.perf_counter()
     res = lanczos(pool.matvec, dim, k=top_k, which=which, tol=tol, max_iter=max_iter, seed=seed,
-                  dtype=torch.float64)
+                  dtype=torch.float64, rtol=rtol)
     seconds = time.perf_counter() - t0
     rows = [{"which": which, "rank": i, "eigenvalue": float(lam), "residual": float(r), "converged": bool(c),
              "hvps": int(res.n_matvec), "iterations": int(res.iterations), "workers": pool.workers,

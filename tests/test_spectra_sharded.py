@@ -43,6 +43,11 @@ def test_sharded_products_match_single_process_and_dense_spectrum(ray_cluster):
         sharded, single = pool.matvec(v), ref.matvec(v)
         assert torch.linalg.norm(sharded - single) / torch.linalg.norm(single) <= 1e-12
         assert pool.n_examples == EXAMPLES
+        V = torch.randn(ref.dim, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        before = pool.n_hvp
+        sharded, single = pool.matmat(V), ref.matmat(V)  # k columns per round trip
+        assert torch.linalg.norm(sharded - single) / torch.linalg.norm(single) <= 1e-12
+        assert pool.n_hvp - before == 5 and torch.allclose(pool @ V[:, 0], ref.matvec(V[:, 0]), rtol=1e-12, atol=0)
 
         rows, tri = spectrum_rows(pool, state, top_k=4, tol=1e-10, max_iter=120)
         exact = np.linalg.eigvalsh(dense_hessian(ref).numpy())[::-1][:4]

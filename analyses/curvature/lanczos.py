@@ -18,6 +18,15 @@ Why these choices:
   pending, the current block's own extreme Ritz pair must also converge before stopping.
   Limitation: an exactly repeated eigenvalue of an operator whose Krylov space never breaks down
   (a generic spectrum with some exact degeneracies) is found once; use dense eigh or a block method.
+* Stopping rules. ``tol`` (default rule): residual ≤ tol·max|θ| for every wanted pair, which judges
+  small wanted eigenvalues against λ₁ (tol = 1e-2 may leave a 10% error on λ₅). ``rtol`` (opt-in):
+  a bound on each *eigenvalue's* error, b_i = min(r_i, r_i²/gap_i), must satisfy
+  b_i ≤ max(rtol·|θ_i|, atol·max|θ|). r_i bounds |λ − θ_i| for some eigenvalue λ (symmetric H); r_i²/gap_i
+  is the sharper bound once the other eigenvalues are at least gap_i away. The gap is taken from the
+  other Ritz values, shrunk by their own (cheap, β|s_mj|) residuals so that unconverged neighbours
+  do not inflate it. With ``rtol`` the Krylov dimension must also reach ``min_iter`` (default
+  ARPACK-like max(2·wanted + 1, 20), capped at dim) before convergence is accepted, so a wanted
+  eigenvalue that the first few steps have not seen yet is not missed.
 * The basis lives in a `KrylovBackend` (`backend.py`): one process by default, or parameter slices
   on several workers (`pipeline/sharded_basis.py`); the recurrence only sees scalars and handles.
   `_Basis` is the plain local buffer SLQ still uses.
@@ -40,7 +49,9 @@ class LanczosResult:
     """Eigenvalues: largest first ("LA"), smallest first ("SA"), or top-k then bottom-k ("both").
 
     ``residuals`` are the true ‖H y − θ y‖ of the returned unit vectors; ``converged[i]`` means
-    residual ≤ tol · max|θ|. ``alphas``/``betas`` are the tridiagonal T (len(betas) = len(alphas) − 1;
+    residual ≤ tol · max|θ| (rule "residual"), or, with ``rtol`` (rule "eigenvalue"),
+    ``errors[i]`` ≤ max(rtol·|θ_i|, atol·max|θ|), where ``errors[i]`` = min(r_i, r_i²/gap_i) bounds
+    the eigenvalue's error (module doc). ``alphas``/``betas`` are the tridiagonal T (len(betas) = len(alphas) − 1;
     a 0.0 coupling marks a restart after breakdown), kept so spectral densities can be re-derived.
     """
 
@@ -55,6 +66,8 @@ class LanczosResult:
     restarts: int = 0
     which: str = "LA"
     scale: float = field(default=0.0)  # max |θ| of the final T: what tol is relative to
+    errors: list[float] = field(default_factory=list)  # eigenvalue error bounds min(r, r²/gap)
+    rule: str = "residual"
 
 
 class _Basis:
@@ -105,13 +118,32 @@ def _improves(block: np.ndarray, chosen: np.ndarray, which: str, gap: float) -> 
     return bool(out)
 
 
+def error_bounds(evals: np.ndarray, idx: np.ndarray, r: np.ndarray, r_all: np.ndarray) -> np.ndarray:
+    """min(r_i, r_i²/gap_i) for Ritz values ``evals[idx]`` with residuals ``r`` (module doc).
+
+    ``r_all``: residual estimates of every Ritz value; gap_i = min_j≠i |θ_i − θ_j| − r_j."""
+    out = np.array(r, dtype=float)
+    for a, i in enumerate(idx):
+        others = np.delete(np.arange(len(evals)), i)
+        if not len(others):
+            continue
+        gap = float(np.min(np.abs(evals[others] - evals[i]) - r_all[others]))
+        if gap > 0:
+            out[a] = min(out[a], out[a] ** 2 / gap)
+    return out
+
+
 def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, which: str = "LA", tol: float = 1e-8,
             max_iter: int | None = None, seed: int = 0, dtype=torch.float64, device=None,
-            v0: Tensor | None = None, backend: KrylovBackend | None = None) -> LanczosResult:
+            v0: Tensor | None = None, backend: KrylovBackend | None = None, *, rtol: float | None = None,
+            atol: float = 0.0, min_iter: int | None = None) -> LanczosResult:
     """The ``k`` extreme eigenpairs of the symmetric operator ``matvec`` (1-D ``dtype`` tensors).
 
     Stops when every wanted pair has true residual ≤ ``tol · max(|θ_max|, tiny)``, when the Krylov
     space fills ``dim``, or after ``max_iter`` matvecs (default ``min(dim, 300)``).
+    ``rtol``: use the per-eigenvalue rule instead (module doc): every wanted θ_i has error bound
+    ≤ max(rtol·|θ_i|, atol·max|θ|, 16·eps·max|θ|) and at least ``min_iter`` steps were taken (default
+    max(2·wanted + 1, 20), capped at dim). ``min_iter`` also applies to the ``tol`` rule if given.
     ``backend``: where the basis lives (default: a `LocalBackend` on ``matvec``); with a backend,
     ``matvec`` may be None and the backend applies the operator.
     """
@@ -122,6 +154,18 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     n_wanted = 2 * k if which == "both" else k
     max_iter = min(dim, 300) if max_iter is None else min(max_iter, dim)
     tiny = torch.finfo(dtype).tiny
+    if min_iter is None:
+        min_iter = max(2 * n_wanted + 1, 20) if rtol is not None else n_wanted
+    min_iter = min(min_iter, dim, max_iter)
+    floor = max(atol, 16 * torch.finfo(dtype).eps)
+
+    def passes(idx, r, evals, r_all, scale):
+        """Per pair: does it meet the active stopping rule? Also returns the eigenvalue error bounds."""
+        # below ~eps·‖H‖ rounding in θ itself dominates, whatever the residual says
+        b = np.maximum(error_bounds(evals, idx, r, r_all), 16 * torch.finfo(dtype).eps * scale)
+        if rtol is None:
+            return r <= tol * scale, b
+        return b <= np.maximum(rtol * np.abs(evals[idx]), floor * scale), b
     break_tol = min(tol, 1e-6) * 1e-2  # β below this (relative) is an invariant subspace
     gen = torch.Generator().manual_seed(seed)
     be = backend if backend is not None else LocalBackend(dim, matvec, dtype=dtype, device=device,
@@ -145,6 +189,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     alphas: list[float] = []
     betas: list[float] = []
     q_prev, beta_prev = None, 0.0
+    r_last = np.zeros(0)
     block_start, restarts, pending = 0, 0, False
     done = False
     while not done:
@@ -173,11 +218,12 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
         extremes = [] if (broke or not pending or not len(in_block)) else \
             ([in_block[-1]] if which in ("LA", "both") else []) + ([in_block[0]] if which in ("SA", "both") else [])
         check = np.unique(np.concatenate([chosen, np.array(extremes, dtype=int)]))
-        estimate = 0.0 if broke else beta * np.abs(S[-1, check]).max()
+        r_all = np.zeros(len(evals)) if broke else beta * np.abs(S[-1, :])  # cheap estimates, all pairs
+        r_last = r_all
         converged = None
-        if enough and estimate <= tol * scale:
+        if enough and (broke or m >= min_iter) and passes(check, r_all[check], evals, r_all, scale)[0].all():
             residuals = be.residual_norms(S[:, check], evals[check])
-            converged = residuals <= tol * scale
+            converged = passes(check, residuals, evals, r_all, scale)[0]
             done = bool(converged.all()) and not (broke and pending)
         if m >= max_iter or done:
             break
@@ -200,11 +246,17 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     Y, HY = be.ritz_vectors(S[:, chosen])
     theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
     res = torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
+    # the last step's cheap estimates for the gaps (same T unless the loop never ran a check), true r for ours
+    r_all = r_last if len(r_last) == len(evals) else np.zeros(len(evals))
+    r_all = r_all.copy()
+    r_all[chosen] = res
+    ok, bounds = passes(chosen, res, evals, r_all, scale)
     return LanczosResult(
         eigenvalues=torch.as_tensor(evals[chosen].copy(), dtype=torch.float64), eigenvectors=Y,
         residuals=[float(x) for x in res], n_matvec=be.m, alphas=alphas, betas=betas,
-        converged=[bool(x <= tol * scale) for x in res], iterations=be.m, restarts=restarts,
-        which=which, scale=scale)
+        converged=[bool(x) for x in ok], iterations=be.m, restarts=restarts,
+        which=which, scale=scale, errors=[float(x) for x in bounds],
+        rule="residual" if rtol is None else "eigenvalue")
 
 
 def next_seed(gen: torch.Generator) -> int:
