@@ -29,14 +29,8 @@ class Discrete(Transformation):
         raise NotImplementedError
 
 
-@_register
-class Permutation(Discrete):
-    """Terms [param, dim, perm]: the param's axis ``dim`` is re-indexed by ``perm`` (a full permutation).
-    Orthogonal, so T^{-T} = T."""
-
-    def __init__(self, name, family, terms, expected=True):
-        super().__init__(name, family, expected)
-        self.terms = [[p, int(d), list(map(int, perm))] for p, d, perm in terms]
+class _SliceTerms(Discrete):
+    """A discrete map given by ``terms`` whose first entry names the parameter each term acts on."""
 
     @property
     def params(self):
@@ -44,6 +38,16 @@ class Permutation(Discrete):
 
     def _fields(self):
         return {"terms": self.terms}
+
+
+@_register
+class Permutation(_SliceTerms):
+    """Terms [param, dim, perm]: the param's axis ``dim`` is re-indexed by ``perm`` (a full permutation).
+    Orthogonal, so T^{-T} = T."""
+
+    def __init__(self, name, family, terms, expected=True):
+        super().__init__(name, family, expected)
+        self.terms = [[p, int(d), list(map(int, perm))] for p, d, perm in terms]
 
     def apply(self, theta):
         out = {n: theta[n] for n in self.params}
@@ -55,19 +59,12 @@ class Permutation(Discrete):
 
 
 @_register
-class SignFlip(Discrete):
+class SignFlip(_SliceTerms):
     """Terms [param, dim, index]: negate those slices (neuron sign flip for odd activations; mirrors)."""
 
     def __init__(self, name, family, terms, expected=True):
         super().__init__(name, family, expected)
         self.terms = [[p, d, None if i is None else list(map(int, i))] for p, d, i in terms]
-
-    @property
-    def params(self):
-        return list(dict.fromkeys(t[0] for t in self.terms))
-
-    def _fields(self):
-        return {"terms": self.terms}
 
     def apply(self, theta):
         out = {n: theta[n] for n in self.params}
