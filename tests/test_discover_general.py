@@ -122,3 +122,15 @@ def test_no_symmetry_of_the_known_kinds_is_found():
     d = discover(model, squared_error, (x, y))
     assert d.verified == []                                   # nothing spurious verifies
     assert all(f.residual > 1e-2 for f in d.found), [f.as_row() for f in d.found]
+
+
+def test_active_dropout_is_named_as_the_reason_and_eval_mode_verifies():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 3)).double()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    noisy = discover(model.train(), torch.nn.functional.cross_entropy, batch)
+    assert noisy.found and all(not f.verified and "active dropout" in f.reason for f in noisy.found)
+    clean = discover(model.eval(), torch.nn.functional.cross_entropy, batch)
+    assert {"relu_rescale", "softmax_translation"} <= {f.transformation.family for f in clean.found if f.verified}

@@ -19,6 +19,7 @@ from analyses.discover.graph import trace
 from analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
                                         rescales, sign_flips, softmax_translations,
                                         unused_parameters)
+from analyses.curvature.operator import active_dropout
 from analyses.identities import check_all
 from analyses.transforms import Transformation
 
@@ -108,13 +109,18 @@ def discover(model, loss, batch, *, verify_examples: int = 32, trace_examples: i
     cands, _ = candidates(model, loss, batch, trace_examples)
     m64 = copy.deepcopy(model).double()
     b64 = _double(_subset(batch, verify_examples))
+    # Active dropout draws new masks on every forward, so the loss is a different function each time
+    # and no identity can be verified; say so instead of an "unidentified" violation.
+    dropout = active_dropout(model)
+    random_loss = [f"active dropout makes the loss random ({', '.join(dropout)}); verify in eval() mode"] \
+        if dropout else []
     out = []
     for c in cands:
         checks = check_all(m64, loss, b64, [c.transformation], probes=probes, seed=seed)
         res = {ch.order: ch.residual for ch in checks}
         ok = all(ch.holds for ch in checks)
         worst = max(res.values())
-        reason = "" if ok else ("; ".join(c.caveats) or "violated for an unidentified reason") + \
+        reason = "" if ok else ("; ".join(random_loss + c.caveats) or "violated for an unidentified reason") + \
             f" (measured residual {worst:.2e})"
         out.append(Found(c.transformation, ok, worst, res, list(c.caveats), reason))
     return Discovery(out)
