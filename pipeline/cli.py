@@ -33,7 +33,9 @@ def _query(args) -> int:
 def _inspect(args) -> int:
     from pipeline import inspect_cmd as ic
 
-    rows = ic.inspect_model(args.model, examples=args.examples)
+    from pipeline.userfunc import parse_overrides
+
+    rows = ic.inspect_model(args.model, examples=args.examples, overrides=parse_overrides(args.config))
     path = ic.write_inspection(rows, Path(args.results), args.model)
     if args.json:
         print(ic.to_json(rows))
@@ -45,6 +47,7 @@ def _inspect(args) -> int:
 
 def _spectrum(args) -> int:
     from pipeline import spectrum_cmd as sc
+    from pipeline.userfunc import parse_overrides
 
     if args.sharded_basis and (args.workers < 2 or args.density or args.trace):
         print("eqlab: error: --sharded-basis needs --workers >= 2 and works with --top/--bottom only",
@@ -54,7 +57,7 @@ def _spectrum(args) -> int:
                               workers=args.workers, dtype=args.dtype, tol=args.tol, max_iter=args.max_iter,
                               address=args.address, density=args.density, density_steps=args.density_steps,
                               probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs,
-                              sharded_basis=args.sharded_basis)
+                              sharded_basis=args.sharded_basis, overrides=parse_overrides(args.config))
     print(sc.to_json(out) if args.json else sc.format_spectrum(out))
     return 0
 
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print a JSON list, one object per transformation")
     i.add_argument("--results", default="results/inspect", help="where the inspections table goes")
     i.add_argument("--examples", type=int, default=32, help="examples of the batch used for verification")
+    i.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="override a transformers config field, e.g. num_hidden_layers=1 (repeatable)")
     i.set_defaults(func=_inspect)
 
     s = sub.add_parser("spectrum", help="top/bottom Hessian eigenvalues of a model (FILE.py:FUNC)")
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sharded-basis", action="store_true",
                    help="keep the Lanczos basis on the workers, cut by parameter slice (large models)")
     s.add_argument("--address", help="Ray cluster for --workers > 1 (default: a local one)")
+    s.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="override a transformers config field, e.g. num_hidden_layers=1 (repeatable)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_spectrum)
     return p

@@ -16,8 +16,8 @@ from pipeline import store
 from pipeline.userfunc import UserSource
 
 
-def inspect_model(ref: str, examples: int = 32, probes: int = 1, seed: int = 0) -> list[dict]:
-    model, loss, batches = UserSource(ref)(torch.float64)
+def inspect_model(ref: str, examples: int = 32, probes: int = 1, seed: int = 0, overrides=()) -> list[dict]:
+    model, loss, batches = UserSource(ref, overrides=tuple(overrides))(torch.float64)
     found = discover(model, loss, batches[0], verify_examples=examples, probes=probes, seed=seed)
     rows = []
     for f in found.found:

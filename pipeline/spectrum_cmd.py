@@ -23,8 +23,8 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
                      dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
                      address: str | None = None, density: bool = False, density_steps: int = 40,
                      probes: int = 4, trace: bool = False, trace_matvecs: int = 30,
-                     sharded_basis: bool = False) -> dict:
-    source = UserSource(ref, shards=workers)
+                     sharded_basis: bool = False, overrides=()) -> dict:
+    source = UserSource(ref, shards=workers, overrides=tuple(overrides))
     model, loss, batches = source(DTYPES[dtype])
     names = ParamSpace.matching(model, block).names if block else None
     t0 = time.perf_counter()

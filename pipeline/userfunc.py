@@ -53,13 +53,36 @@ def _token_ce(outputs, targets):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def _load_transformers(folder: Path, batch_size: int = 4, seq_len: int = 16, seed: int = 0) -> dict:
+def parse_overrides(items: list[str] | None) -> tuple[tuple[str, object], ...]:
+    """``["num_hidden_layers=1", "layer_norm_eps=0"]`` → typed (key, value) pairs for a config."""
+    out = []
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserModelError(f"--config {item!r}: expected KEY=VALUE")
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                continue
+        else:
+            value = {"true": True, "false": False}.get(text.lower(), text)
+        out.append((key, value))
+    return tuple(out)
+
+
+def _load_transformers(folder: Path, overrides=(), batch_size: int = 4, seq_len: int = 16, seed: int = 0) -> dict:
     from transformers import AutoConfig, AutoModel
 
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:  # transformers raises several types for a folder it cannot read
         raise UserModelError(f"{folder}: not a transformers model folder ({type(e).__name__})") from None
+    for key, value in overrides:  # e.g. num_hidden_layers=1 to study one layer of a large checkpoint
+        if not hasattr(config, key):
+            raise UserModelError(f"--config {key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
     config._attn_implementation = "eager"  # SDPA on the CPU has no double backward / forward AD
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if has_weights:
@@ -79,14 +102,17 @@ class UserSource:
 
     ref: str
     shards: int = 1  # cut the batch into this many near-equal micro-batches (one or more per worker)
+    overrides: tuple = ()  # (key, value) config fields for a transformers folder (see parse_overrides)
 
     def load(self) -> dict:
         if ":" in self.ref and self.ref.rsplit(":", 1)[0].endswith(".py"):
+            if self.overrides:
+                raise UserModelError("--config applies to a transformers model folder, not FILE.py:FUNC")
             path, func = self.ref.rsplit(":", 1)
             return _load_func(Path(path).resolve(), func)
         folder = Path(self.ref)
         if folder.is_dir():
-            return _load_transformers(folder)
+            return _load_transformers(folder, self.overrides)
         raise UserModelError(f"{self.ref}: expected FILE.py:FUNC or a transformers model folder")
 
     def __call__(self, dtype):

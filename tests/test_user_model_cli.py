@@ -114,3 +114,20 @@ def test_inspect_gelu_has_no_rescale_symmetry(user_file, tmp_path):
 def test_bad_user_reference_is_one_line(tmp_path):
     proc = eqlab("inspect", f"{tmp_path}/missing.py:f")
     assert proc.returncode == 2 and proc.stderr.startswith("eqlab: error:") and "Traceback" not in proc.stderr
+
+
+def test_transformers_folder_with_config_override(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+               max_position_embeddings=32).save_pretrained(tmp_path / "bert")
+    proc = eqlab("inspect", str(tmp_path / "bert"), "--config", "num_hidden_layers=1", "--json",
+                 "--results", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    params = {p for r in rows for p in r["params"]}
+    assert any("layer.0." in p for p in params) and not any("layer.1." in p for p in params)
+    qk = [r for r in rows if r["symmetry"] == "qk_gl"]
+    assert qk and all(r["holds"] and r["generators"] == 2 * 4 * 4 for r in qk)  # 2 heads of d_head 4
+    bad = eqlab("inspect", str(tmp_path / "bert"), "--config", "no_such_field=1")
+    assert bad.returncode == 2 and "no such field" in bad.stderr and "Traceback" not in bad.stderr
