@@ -29,7 +29,6 @@ Why these choices:
   eigenvalue that the first few steps have not seen yet is not missed.
 * The basis lives in a `KrylovBackend` (`backend.py`): one process by default, or parameter slices
   on several workers (`pipeline/sharded_basis.py`); the recurrence only sees scalars and handles.
-  `_Basis` is the plain local buffer SLQ still uses.
 """
 from __future__ import annotations
 
@@ -68,38 +67,6 @@ class LanczosResult:
     scale: float = field(default=0.0)  # max |θ| of the final T: what tol is relative to
     errors: list[float] = field(default_factory=list)  # eigenvalue error bounds min(r, r²/gap)
     rule: str = "residual"
-
-
-class _Basis:
-    """Orthonormal vectors Q and their images W = H Q, as rows of growable buffers."""
-
-    def __init__(self, dim: int, dtype, device, capacity: int):
-        self.m = 0
-        self._Q = torch.empty(capacity, dim, dtype=dtype, device=device)
-        self._W = torch.empty(capacity, dim, dtype=dtype, device=device)
-
-    @property
-    def Q(self) -> Tensor:
-        return self._Q[: self.m]
-
-    @property
-    def W(self) -> Tensor:
-        return self._W[: self.m]
-
-    def append(self, q: Tensor, w: Tensor) -> None:
-        self._Q[self.m], self._W[self.m] = q, w
-        self.m += 1
-
-    def orthogonalise(self, r: Tensor) -> Tensor:
-        """Remove the basis components of ``r``: two passes of classical Gram–Schmidt."""
-        Q = self.Q
-        for _ in range(2):
-            r = r - Q.T @ (Q @ r)
-        return r
-
-    def combine(self, S: Tensor) -> tuple[Tensor, Tensor]:
-        """(Q S, W S): Ritz vectors and their exact images, as dim×k."""
-        return self.Q.T @ S, self.W.T @ S
 
 
 def _select(evals: np.ndarray, k: int, which: str) -> np.ndarray:

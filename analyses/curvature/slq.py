@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from analyses.curvature.lanczos import _Basis
+from analyses.curvature.backend import LocalBackend
 
 
 def gauss_quadrature(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
@@ -33,17 +33,18 @@ def tridiagonal(matvec: Callable, v0: torch.Tensor, steps: int, reorthogonalise:
     """``steps`` plain Lanczos steps from ``v0`` (fewer at breakdown); returns (alphas, betas)."""
     dim = v0.shape[0]
     steps = min(steps, dim)
-    basis = _Basis(dim, v0.dtype, v0.device, steps)
+    # The same local basis the Lanczos eigensolver runs on (its W = HQ rows are kept but unused here).
+    basis = LocalBackend(dim, matvec, dtype=v0.dtype, device=v0.device, capacity=steps)
     q, q_prev, beta = v0 / torch.linalg.norm(v0), None, 0.0
     alphas, betas = [], []
     for j in range(steps):
         w = matvec(q).to(device=v0.device, dtype=v0.dtype)
-        basis.append(q, w)
+        basis.append(q[:, None], w[:, None])
         alpha = float(q @ w)
         alphas.append(alpha)
         r = w - alpha * q - (beta * q_prev if q_prev is not None else 0.0)
         if reorthogonalise:
-            r = basis.orthogonalise(r)
+            r = basis.orthogonalise(r[:, None])[:, 0]
         beta = float(torch.linalg.norm(r))
         scale = max(abs(a) for a in alphas + betas) if alphas else 1.0
         if j == steps - 1 or beta <= breakdown * max(scale, 1e-300):
