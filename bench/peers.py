@@ -61,11 +61,11 @@ class Adapter:
 class Eqlab(Adapter):
     name = "eqlab"
 
-    def __init__(self, problem, names=None, method="auto"):
+    def __init__(self, problem, names=None, method="auto", conv="auto"):
         super().__init__(problem, names)
         from analyses.curvature.operator import HessianOperator
-        self.op = HessianOperator(self.model, problem.loss, problem.batches, names=names, method=method)
-        self.method = self.op.method
+        self.op = HessianOperator(self.model, problem.loss, problem.batches, names=names, method=method, conv=conv)
+        self.method, self.conv = self.op.method, self.op.conv
 
     def matvec(self, v):
         self.n_hvp += 1
@@ -90,7 +90,7 @@ class Eqlab(Adapter):
         return res.pooled(), res
 
     def block(self, names):
-        return Eqlab(self.problem, names, method=self.method)
+        return Eqlab(self.problem, names, method=self.method, conv=self.conv)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def dense_truth(problem):
 
 # -- M1 / M2 ---------------------------------------------------------------------------------------
 def m1_m2(problem, H, repeats):
+    from analyses.curvature.conv import count_eligible
     v64 = torch.randn(problem.n_params(), dtype=F64, generator=torch.Generator().manual_seed(3))
     if H is not None:
         ref = (H @ v64).numpy()
@@ -110,10 +111,14 @@ def m1_m2(problem, H, repeats):
             if ad is not None:
                 fns[lib] = (lambda a: (lambda: a.matvec(v)))(ad)
                 if lib == "eqlab":
-                    NOTES.append(f"M1 {problem.name}: eqlab auto chose {ad.method}; timings {ad.op.timings}")
+                    NOTES.append(f"M1 {problem.name}: eqlab auto chose {ad.method} with {ad.conv} convs; "
+                                 f"timings {ad.op.timings}")
         for meth in ("double_backward", "forward_over_reverse", "double_backward_cached"):
-            ad = LIBRARIES["eqlab"](p32, method=meth)
+            ad = LIBRARIES["eqlab"](p32, method=meth, conv="native")
             fns[f"eqlab[{meth}]"] = (lambda a: (lambda: a.matvec(v)))(ad)
+            if meth != "forward_over_reverse" and count_eligible(ad.op.model):
+                fwd = LIBRARIES["eqlab"](p32, method=meth, conv="forward")  # every conv derivative a forward conv
+                fns[f"eqlab[{meth}+fwdconv]"] = (lambda a: (lambda: a.matvec(v)))(fwd)
     t = M.interleaved(fns, repeats=repeats, warmup=3)
     g_med, g_min = M.med_min(t["gradient"])
     row("M1_time", problem.name, "gradient", "median", g_med, "s")

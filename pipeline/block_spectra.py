@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from analyses.curvature.lanczos import lanczos
 from analyses.curvature.operator import HessianOperator
 from analyses.curvature.params import ParamSpace
+from pipeline.allocator import keep_freed_memory
 from pipeline.spectra import DTYPES
 
 
@@ -36,9 +37,10 @@ def layer_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
 class BlockSpectrumWorker:
     def __init__(self, source, dtype: str, threads: int):
         torch.set_num_threads(threads)
+        keep_freed_memory()  # allocator.py: no page faults per HVP
         self.dtype = DTYPES[dtype]
         self.model, self.loss, self.batches = source(self.dtype)  # all micro-batches: the full data
-        self.method = "auto"
+        self.method = self.conv = "auto"
 
     def spectra(self, state, blocks: dict, k: int, which: str, tol: float, max_iter: int, seed: int) -> list:
         if state is not None:
@@ -47,8 +49,8 @@ class BlockSpectrumWorker:
         for block, names in blocks.items():
             t0 = time.perf_counter()
             op = HessianOperator(self.model, self.loss, self.batches, names=names, method=self.method,
-                                 dtype=self.dtype)
-            self.method = op.method  # measured once per worker, then reused
+                                 dtype=self.dtype, conv=self.conv)
+            self.method, self.conv = op.method, op.conv  # measured once per worker, then reused
             res = lanczos(op.matvec, op.dim, k=min(k, op.dim), which=which, tol=tol,
                           max_iter=min(max_iter, op.dim), seed=seed, dtype=torch.float64)
             seconds = time.perf_counter() - t0

@@ -47,7 +47,10 @@ def _inspect(args) -> int:
 
 def _spectrum(args) -> int:
     from pipeline import spectrum_cmd as sc
+    from pipeline.allocator import keep_freed_memory
     from pipeline.userfunc import parse_overrides
+
+    keep_freed_memory()  # the CLI owns its process: steady, fault-free HVPs (pipeline/allocator.py)
 
     if args.sharded_basis and (args.workers < 2 or args.density or args.trace):
         print("eqlab: error: --sharded-basis needs --workers >= 2 and works with --top/--bottom only",

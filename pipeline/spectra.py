@@ -23,6 +23,7 @@ from analyses.curvature.lanczos import lanczos
 from analyses.curvature.operator import HessianOperator
 from analyses.curvature.params import ParamSpace
 from models import build_task
+from pipeline.allocator import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -64,11 +65,12 @@ class HessianShardCore:
 
     def __init__(self, source, shard: int, n_shards: int, dtype: str, threads: int, names=None):
         torch.set_num_threads(threads)
+        keep_freed_memory()  # steady product times: a pool waits for its slowest actor (allocator.py)
         self.dtype = DTYPES[dtype]
         self.model, self.loss, every = source(self.dtype)
         self.batches = every[shard::n_shards]
         self.names = names
-        self.method = "auto"
+        self.method = self.conv = "auto"
         self.op = None
 
     def load(self, state: dict | None) -> int:
@@ -78,8 +80,8 @@ class HessianShardCore:
             self.op = None
             return ParamSpace(self.model, self.names).dim
         self.op = HessianOperator(self.model, self.loss, self.batches, names=self.names, method=self.method,
-                                  dtype=self.dtype)
-        self.method = self.op.method  # measured once, then reused for later checkpoints
+                                  dtype=self.dtype, conv=self.conv)
+        self.method, self.conv = self.op.method, self.op.conv  # measured once, then reused for later checkpoints
         return self.op.dim
 
     def sum_matvec(self, v: np.ndarray):

@@ -49,7 +49,7 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         matvec, method = pool.matvec, "sharded"
     else:
         op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype])
-        dim, matvec, method = op.dim, op.matvec, op.method
+        dim, matvec, method = op.dim, op.matvec, op.method + ("+forward_conv" if op.conv == "forward" else "")
     out = {"ref": ref, "dim": dim, "dtype": dtype, "workers": workers, "block": block, "method": method,
            "eigenvalues": [], "residuals": [], "converged": [], "hvps": 0}
     try:

@@ -47,7 +47,9 @@ def test_sharded_products_match_single_process_and_dense_spectrum(ray_cluster):
         before = pool.n_hvp
         sharded, single = pool.matmat(V), ref.matmat(V)  # k columns per round trip
         assert torch.linalg.norm(sharded - single) / torch.linalg.norm(single) <= 1e-12
-        assert pool.n_hvp - before == 5 and torch.allclose(pool @ V[:, 0], ref.matvec(V[:, 0]), rtol=1e-12, atol=0)
+        assert pool.n_hvp - before == 5
+        one, single_one = pool @ V[:, 0], ref.matvec(V[:, 0])  # each actor may pick its own conv path: round-off
+        assert torch.linalg.norm(one - single_one) <= 1e-12 * torch.linalg.norm(single_one)
 
         rows, tri = spectrum_rows(pool, state, top_k=4, tol=1e-10, max_iter=120)
         exact = np.linalg.eigvalsh(dense_hessian(ref).numpy())[::-1][:4]

@@ -35,12 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from analyses.curvature.cached import CachedGraph, fingerprint
+from analyses.curvature.conv import count_eligible, use_forward_convs
 from analyses.curvature.functional import batch_size, loss_function, value_and_grad
 from analyses.curvature.hvp import HVP, HVPS
 from analyses.curvature.params import ParamSpace
 
 CACHED = "double_backward_cached"
 METHODS = tuple(HVP) + (CACHED,)
+CONVS = ("auto", "native", "forward")
 
 
 def default_cache_bytes() -> int:
@@ -118,14 +120,23 @@ class HessianOperator:
     ``dtype``: work in this dtype on a converted copy (default: the model's own dtype).
     ``max_cache_bytes``: memory guard for ``auto`` (default `default_cache_bytes`); an explicit
     ``method="double_backward_cached"`` is obeyed regardless, its estimate is in ``self.cache_bytes``.
+    ``conv``: how eligible ``nn.Conv2d`` layers are differentiated: ``"native"`` (torch's
+    ``convolution_backward``), ``"forward"`` (every derivative a forward convolution, `conv.py`), or
+    ``"auto"`` (time the chosen method's HVP both ways on the first batch, keep ``forward`` only if
+    >10% faster; ``self.conv`` says what was kept). Not combined with ``forward_over_reverse``.
     ``n_hvp`` counts operator applications (one per vector over all batches); the auto timing
     is not counted.
     """
 
     def __init__(self, model: nn.Module, loss, batches, names: Sequence[str] | ParamSpace | None = None,
-                 method: str = "auto", dtype: torch.dtype | None = None, *, max_cache_bytes: int | None = None):
+                 method: str = "auto", dtype: torch.dtype | None = None, *, max_cache_bytes: int | None = None,
+                 conv: str = "auto"):
         if method not in METHODS + ("auto",):
             raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {method!r}")
+        if conv not in CONVS:
+            raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+        if conv == "forward" and method == "forward_over_reverse":
+            raise ValueError("conv='forward' has no forward-mode AD; use conv='native' with forward_over_reverse")
         self.space = names if isinstance(names, ParamSpace) else ParamSpace(model, names)
         self.model = analysis_copy(model, dtype)
         first = next(iter(self.model.parameters()))
@@ -146,6 +157,11 @@ class HessianOperator:
         self.method = self._choose_method() if method == "auto" else method
         if self.method != CACHED:
             self._graphs = [None] * len(self.batches)  # auto's trial graph: free it
+        self.conv = "native"
+        if conv != "native" and self.method != "forward_over_reverse" and count_eligible(self.model):
+            self.conv = self._choose_conv() if conv == "auto" else "forward"
+            use_forward_convs(self.model, self.conv == "forward")
+            self.drop_cache()  # graphs built with the other variant
         self.matmat_mode: str | None = None  # "batched" or "loop", set on the first matmat
 
     # -- the cached first-order graphs ----------------------------------------------------------------
@@ -242,6 +258,34 @@ class HessianOperator:
         base = "double_backward" if "double_backward" in best else min(best, key=best.get)
         faster = [n for n in best if best[n] < self.PREFER_MARGIN * best[base]]
         return min(faster, key=best.get) if faster else base
+
+    def _choose_conv(self, repeats: int = 3) -> str:
+        """Time the chosen method's HVP on the first batch with native and forward convs (interleaved,
+        best of ``repeats`` after a warm-up); ``forward`` must be >10% faster to be kept."""
+        L, p = self._L[0], self.params
+        gen = torch.Generator().manual_seed(1)
+        v = self.space.unflatten(torch.randn(self.dim, generator=gen, dtype=torch.float64)
+                                 .to(self.dtype).to(self.device))
+        fns = {}
+        for variant in ("native", "forward"):
+            use_forward_convs(self.model, variant == "forward")
+            if self.method == CACHED:  # a graph records the variant it was built with
+                fns[variant] = CachedGraph(L, p).hvp
+            else:
+                fns[variant] = (lambda on: lambda v: (use_forward_convs(self.model, on), HVP[self.method](L, p, v))[1])(
+                    variant == "forward")
+        best = {name: float("inf") for name in fns}
+        try:
+            for _ in range(repeats + 1):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn(v)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001  (an op the forward variant cannot handle: keep native)
+            self.timings["conv_forward"] = f"failed: {type(exc).__name__}: {exc}"
+            return "native"
+        self.timings["conv_native"], self.timings["conv_forward"] = best["native"], best["forward"]
+        return "forward" if best["forward"] < self.PREFER_MARGIN * best["native"] else "native"
 
     # -- products -----------------------------------------------------------------------------------
     def sum_matvec(self, v: Tensor) -> tuple[Tensor, int]:
