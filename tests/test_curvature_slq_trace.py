@@ -5,7 +5,7 @@ import torch
 
 from analyses.curvature.dense import dense_hessian
 from analyses.curvature.operator import HessianOperator
-from analyses.curvature.slq import gauss_quadrature, slq, tridiagonal
+from analyses.curvature.slq import gauss_quadrature, slq, tridiagonal, tridiagonals_lockstep
 from analyses.curvature.trace import hutchinson, hutchpp
 from models import build_task
 
@@ -44,6 +44,27 @@ def test_breakdown_gives_exact_rule_on_few_distinct_values():
     nodes, weights = gauss_quadrature(*tridiagonal(lambda x: d * x, v, 10))
     assert np.allclose(nodes, [-1.0, 0.5, 2.0], atol=1e-12)
     assert np.allclose(weights, [3 / 12, 4 / 12, 5 / 12], atol=1e-12)
+
+
+def test_lockstep_probes_equal_sequential_probes(gpt2):
+    """One matmat per step for all probes gives the same tridiagonals as probe after probe."""
+    op, H, _ = gpt2
+    seq = slq(op.matvec, op.dim, steps=25, probes=3, seed=4)
+    calls = []
+    lock = slq(None, op.dim, steps=25, probes=3, seed=4, matmat=lambda V: calls.append(V.shape[1]) or op.matmat(V))
+    assert lock.n_matvec == seq.n_matvec == 75 and calls == [3] * 25
+    for a, b, c, d in zip(seq.alphas, seq.betas, lock.alphas, lock.betas):
+        assert np.allclose(a, c, rtol=1e-9, atol=1e-12 * abs(max(a, key=abs))) and np.allclose(b, d, rtol=1e-9)
+    # probes that break down early leave the active set; the others go on
+    d = torch.tensor([2.0] * 5 + [-1.0] * 3 + [0.5] * 4, dtype=F64)
+    V = torch.stack([torch.ones(12, dtype=F64), torch.eye(12, dtype=F64)[0],
+                     torch.randn(12, generator=torch.Generator().manual_seed(0), dtype=F64)], dim=1)
+    widths = []
+    alphas, betas, n = tridiagonals_lockstep(lambda X: widths.append(X.shape[1]) or d[:, None] * X, V, 10)
+    assert [len(a) for a in alphas] == [3, 1, 3] and widths == [3, 2, 2] and n == 7
+    for p in range(3):
+        ref = tridiagonal(lambda x: d * x, V[:, p], 10)
+        assert np.allclose(alphas[p], ref[0], atol=1e-12) and np.allclose(betas[p], ref[1], atol=1e-12)
 
 
 def test_slq_density_cdf_and_trace(gpt2):

@@ -126,7 +126,13 @@ class LocalBackend(KrylovBackend):
         return (X.T @ Y).double().cpu().numpy()
 
     def lincomb(self, terms) -> Tensor:
-        return sum(X @ self._c(C) for X, C in terms)
+        out = None
+        for X, C in terms:
+            C = np.asarray(C, dtype=np.float64)
+            # single-vector Lanczos combines columns with scalars: an axpy, not a (dim×1)(1×1) matmul
+            Y = X * float(C[0, 0]) if C.shape == (1, 1) else X @ self._c(C)
+            out = Y if out is None else out.add_(Y)
+        return out
 
     @property
     def m(self) -> int:

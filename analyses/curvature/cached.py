@@ -23,9 +23,19 @@ from torch import Tensor, nn
 from analyses.curvature.functional import ParamDict, _leaves
 
 
-def fingerprint(model: nn.Module, params: Mapping[str, Tensor]) -> tuple:
-    """Identity and in-place version of every tensor the loss may read (parameters and buffers)."""
-    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None] + list(params.values())
+def watched_tensors(model: nn.Module, params: Mapping[str, Tensor]) -> list[Tensor]:
+    """Every tensor the loss may read (parameters and buffers), collected once: walking the module
+    tree on every product cost ~0.2 ms per HVP (10% of one on the tiny GPT-2)."""
+    return list(model.parameters()) + [b for b in model.buffers() if b is not None] + list(params.values())
+
+
+def fingerprint(model: nn.Module, params: Mapping[str, Tensor], tensors: list[Tensor] | None = None) -> tuple:
+    """Identity and in-place version of every tensor the loss may read (parameters and buffers).
+
+    ``tensors``: a list from `watched_tensors`, to skip the module walk. It sees in-place changes
+    (``load_state_dict``, BatchNorm statistics, ``mul_``); re-assigning a module's tensor attribute
+    on the operator's private copy is not supported."""
+    ts = watched_tensors(model, params) if tensors is None else tensors
     return tuple((id(t), t._version) for t in ts)
 
 

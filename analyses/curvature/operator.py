@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from analyses.curvature.cached import CachedGraph, fingerprint
+from analyses.curvature.cached import CachedGraph, fingerprint, watched_tensors
 from analyses.curvature.conv import count_eligible, use_forward_convs
 from analyses.curvature.functional import batch_size, loss_function, value_and_grad
 from analyses.curvature.hvp import HVP, HVPS
@@ -153,6 +153,7 @@ class HessianOperator:
         self.max_cache_bytes = default_cache_bytes() if max_cache_bytes is None else int(max_cache_bytes)
         self._graphs: list[CachedGraph | None] = [None] * len(self.batches)
         self._fingerprint = None
+        self._watched: list[Tensor] | None = None
         self.cache_rebuilds = 0  # times an in-place change of a parameter/buffer forced a rebuild
         self.method = self._choose_method() if method == "auto" else method
         if self.method != CACHED:
@@ -167,13 +168,15 @@ class HessianOperator:
     # -- the cached first-order graphs ----------------------------------------------------------------
     def _graph(self, i: int) -> CachedGraph:
         """Batch i's cached graph, (re)built if missing or if any parameter/buffer changed in place."""
-        fp = fingerprint(self.model, self.params)
+        if self._watched is None:
+            self._watched = watched_tensors(self.model, self.params)
+        fp = fingerprint(self.model, self.params, self._watched)
         if self._fingerprint is not None and fp != self._fingerprint:
             self._graphs = [None] * len(self.batches)
             self.cache_rebuilds += 1
         if self._graphs[i] is None:
             self._graphs[i] = CachedGraph(self._L[i], self.params)
-            fp = fingerprint(self.model, self.params)  # a forward with side effects shows up next time
+            fp = fingerprint(self.model, self.params, self._watched)  # a forward with side effects shows up next time
         self._fingerprint = fp
         return self._graphs[i]
 

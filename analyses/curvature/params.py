@@ -85,7 +85,8 @@ class ParamSpace:
         if vec.shape[-1] != self.dim:
             raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(vec.shape)}")
         lead = vec.shape[:-1]
-        return {n: vec[..., self.slice(n)].reshape(*lead, *self.shapes[n]) for n in self.names}
+        parts = torch.split(vec, [self.numels[n] for n in self.names], dim=-1)  # one call, not one slice per name
+        return {n: t.reshape(*lead, *self.shapes[n]) for n, t in zip(self.names, parts)}
 
     def values(self, model: torch.nn.Module) -> Tensor:
         """The model's current parameter values in this space, as one detached flat vector."""

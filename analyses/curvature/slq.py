@@ -91,10 +91,71 @@ class SLQResult:
         return float(self.dim * np.sum(weights * f(nodes)))
 
 
-def slq(matvec: Callable, dim: int, steps: int = 80, probes: int = 8, seed: int = 0, dtype=torch.float64,
-        device=None, reorthogonalise: bool = True) -> SLQResult:
-    """``probes`` Rademacher probes, ``steps`` Lanczos steps each."""
+def tridiagonals_lockstep(matmat: Callable, V0: torch.Tensor, steps: int, reorthogonalise: bool = True,
+                          breakdown: float = 1e-12) -> tuple[list[list[float]], list[list[float]], int]:
+    """`tridiagonal` for every column of ``V0`` (dim × P) at once: one ``matmat`` per step carries all
+    probes still running, so a sharded operator makes one round trip per step instead of P (and each
+    actor batches the columns over its cached graphs). Each probe keeps its own basis; a probe that
+    breaks down leaves the active set. Returns (alphas, betas, matvecs used)."""
+    dim, P = V0.shape
+    steps = min(steps, dim)
+    Q = torch.zeros(steps, dim, P, dtype=V0.dtype, device=V0.device)  # probe p's basis: Q[:m_p, :, p]
+    q = V0 / torch.linalg.norm(V0, dim=0)
+    q_prev = torch.zeros_like(q)
+    beta = torch.zeros(P, dtype=V0.dtype, device=V0.device)
+    alphas: list[list[float]] = [[] for _ in range(P)]
+    betas: list[list[float]] = [[] for _ in range(P)]
+    active = list(range(P))
+    n = 0
+    for j in range(steps):
+        cols = torch.tensor(active, device=V0.device)
+        qa = q[:, cols]
+        w = matmat(qa).to(device=V0.device, dtype=V0.dtype)
+        n += len(active)
+        Q[j][:, cols] = qa
+        alpha = (qa * w).sum(0)
+        r = w - alpha * qa - beta[cols] * q_prev[:, cols]
+        if reorthogonalise:  # two passes of classical Gram–Schmidt, each probe against its own basis
+            basis = Q[: j + 1][:, :, cols]
+            for _ in range(2):
+                r = r - torch.einsum("mdp,mp->dp", basis, torch.einsum("mdp,dp->mp", basis, r))
+        b = torch.linalg.norm(r, dim=0)
+        still = []
+        for i, p in enumerate(active):
+            alphas[p].append(float(alpha[i]))
+            scale = max(max(abs(a) for a in alphas[p]), max((abs(x) for x in betas[p]), default=0.0))
+            if j == steps - 1 or float(b[i]) <= breakdown * max(scale, 1e-300):
+                continue
+            betas[p].append(float(b[i]))
+            still.append(i)
+        keep = torch.tensor(still, dtype=torch.long, device=V0.device)
+        nxt = [active[i] for i in still]
+        if not nxt:
+            break
+        sel = torch.tensor(nxt, device=V0.device)
+        q_prev[:, sel], beta[sel] = qa[:, keep], b[keep]
+        q[:, sel] = r[:, keep] / b[keep]
+        active = nxt
+    return alphas, betas, n
+
+
+def rademacher_probes(dim: int, probes: int, seed: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """dim × probes matrix of ±1 entries, the same for a given seed whichever way SLQ then runs."""
     gen = torch.Generator().manual_seed(seed)
+    cols = [torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(probes)]
+    return torch.stack(cols, dim=1).to(device=device, dtype=dtype)
+
+
+def slq(matvec: Callable | None, dim: int, steps: int = 80, probes: int = 8, seed: int = 0, dtype=torch.float64,
+        device=None, reorthogonalise: bool = True, matmat: Callable | None = None) -> SLQResult:
+    """``probes`` Rademacher probes, ``steps`` Lanczos steps each.
+
+    ``matmat`` (dim × P → dim × P): run the probes in lockstep (`tridiagonals_lockstep`), one product
+    of all running probes per step; without it, probe after probe through ``matvec``."""
+    V = rademacher_probes(dim, probes, seed, dtype, device)
+    if matmat is not None:
+        alphas, betas, n = tridiagonals_lockstep(matmat, V, steps, reorthogonalise)
+        return SLQResult(dim, alphas, betas, n)
     alphas, betas, n = [], [], 0
 
     def counted(v):
@@ -102,9 +163,8 @@ def slq(matvec: Callable, dim: int, steps: int = 80, probes: int = 8, seed: int 
         n += 1
         return matvec(v)
 
-    for _ in range(probes):
-        v = (torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
-        a, b = tridiagonal(counted, v, steps, reorthogonalise)
+    for p in range(probes):
+        a, b = tridiagonal(counted, V[:, p], steps, reorthogonalise)
         alphas.append(a)
         betas.append(b)
     return SLQResult(dim, alphas, betas, n)
