@@ -20,7 +20,7 @@ from pipeline.cluster import connect
 from pipeline.block_spectra import BlockSpectraPool
 from pipeline.conservation_stage import conservation_rows
 from pipeline.identities import identity_rows
-from pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
+from pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
 from pipeline.study import RunSpec, Study
 from pipeline.train import train_run
 
@@ -67,24 +67,33 @@ def _stage_train(study: Study, spec: RunSpec, results: Path, log) -> dict[int, P
 
 
 def _stage_spectra(study: Study, spec: RunSpec, steps: dict[int, Path], results: Path, log) -> None:
-    todo = [s for s in steps if not store.has_rows(results, "spectra", spec.run_id, s)]
+    """Top-k Lanczos (tables spectra, lanczos) and the SLQ density (densities) on one actor pool."""
+    sp = study.spectra
+    need_top = {s for s in steps if not store.has_rows(results, "spectra", spec.run_id, s)}
+    need_density = {s for s in steps if sp.density_probes and not store.has_rows(results, "densities", spec.run_id, s)}
+    todo = sorted(need_top | need_density)
     if not todo:
         log(f"[spectra] {spec.run_id}: all checkpoints done, skipping")
         return
-    sp = study.spectra
     source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
     n_micro = -(-min(sp.examples, _n_params(spec)[1]) // sp.microbatch)
     workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
     pool = ShardedHessian(source, workers, sp.dtype, cpus_per_worker=study.num_cpus / workers)
     try:
         for s in todo:
-            rows, tri = spectrum_rows(pool, ckpt.load_state(steps[s]), sp.top_k, sp.tol, sp.max_iter,
-                                      seed=study.seed)
-            store.write_rows(results, "lanczos", spec.run_id, s, [tri], study.name, study.hash)
-            store.write_rows(results, "spectra", spec.run_id, s, rows, study.name, study.hash)
-            lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
-            log(f"[spectra] {spec.run_id}: step {s}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
-                f"on {workers} actor(s) ({rows[0]['seconds']:.1f}s)")
+            state = ckpt.load_state(steps[s])
+            if s in need_top:
+                rows, tri = spectrum_rows(pool, state, sp.top_k, sp.tol, sp.max_iter, seed=study.seed)
+                store.write_rows(results, "lanczos", spec.run_id, s, [tri], study.name, study.hash)
+                store.write_rows(results, "spectra", spec.run_id, s, rows, study.name, study.hash)
+                lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
+                log(f"[spectra] {spec.run_id}: step {s}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
+                    f"on {workers} actor(s) ({rows[0]['seconds']:.1f}s)")
+            if s in need_density:
+                rows = density_rows(pool, state, sp.density_probes, sp.density_steps, seed=study.seed)
+                store.write_rows(results, "densities", spec.run_id, s, rows, study.name, study.hash)
+                log(f"[density] {spec.run_id}: step {s}: SLQ {len(rows)} probes x {len(rows[0]['alphas'])} "
+                    f"steps in lockstep ({sum(r['hvps'] for r in rows)} HVPs, {rows[0]['seconds']:.1f}s)")
     finally:
         pool.shutdown()
 

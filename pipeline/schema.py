@@ -69,6 +69,17 @@ TABLES: dict[str, pa.Schema] = {
         ("betas", pa.list_(pa.float64())),
         ("hvps", pa.int64()),
     ]),
+    "densities": pa.schema(_KEY + [
+        ("probe", pa.int32()),              # Rademacher probe index (seeded by the study seed)
+        ("dim", pa.int64()),                # parameters: tr f(H) ≈ dim · mean over probes of Σ w f(θ)
+        ("alphas", pa.list_(pa.float64())), # the probe's Lanczos tridiagonal: Gauss nodes/weights and
+        ("betas", pa.list_(pa.float64())),  # any smoothing are re-derived from it (results/README.md)
+        ("hvps", pa.int64()),               # matvecs spent on this probe
+        ("workers", pa.int32()),
+        ("n_examples", pa.int64()),
+        ("dtype", pa.string()),
+        ("seconds", pa.float64()),          # wall time of the whole lockstep SLQ run (all probes)
+    ]),
     "identities": pa.schema(_KEY + [
         ("transformation", pa.string()),
         ("symmetry", pa.string()),       # the family: softmax_translation, bn_scale, relu_rescale, ...

@@ -50,6 +50,8 @@ class SpectraSpec:
     microbatch: int = 128
     dtype: str = "float64"
     block_top_k: int = 1  # per-block (per-layer) spectra: top eigenvalues of each H_bb; 0 = off
+    density_probes: int = 2   # SLQ spectral density: Rademacher probes per checkpoint; 0 = off
+    density_steps: int = 30   # Lanczos steps per probe (Gauss rule with that many nodes)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ def parse_study(data: dict, source: str = "") -> Study:
         max_iter=sp.int("max_iter", d.max_iter, minimum=2), workers=sp.int("workers", d.workers, minimum=1),
         examples=sp.int("examples", d.examples, minimum=1),
         microbatch=sp.int("microbatch", d.microbatch, minimum=1), dtype=sp.str("dtype", d.dtype, choices=DTYPES),
-        block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0))
+        block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0),
+        density_probes=sp.int("density_probes", d.density_probes, minimum=0),
+        density_steps=sp.int("density_steps", d.density_steps, minimum=1))
     sp.done()
     if spectra.max_iter < spectra.top_k:
         raise StudyError("spectra.max_iter: must be >= spectra.top_k")

@@ -14,7 +14,7 @@ STUDY = {
     "study": {"name": "e2e", "seed": 0},
     "ray": {"num_cpus": 2},
     "spectra": {"top_k": 3, "tol": 1e-6, "max_iter": 60, "workers": 2, "examples": 64, "microbatch": 32,
-                "dtype": "float64"},
+                "dtype": "float64", "density_probes": 2, "density_steps": 20},
     "identities": {"dtypes": ["float64", "float32"], "examples": 64, "probes": 1},
     "runs": [
         {"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-12},
@@ -23,7 +23,7 @@ STUDY = {
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
     ],
 }
-TABLES = ["runs", "checkpoints", "spectra", "lanczos", "block_spectra", "identities", "conservation"]
+TABLES = ["runs", "checkpoints", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,30 @@ def test_all_tables_written_and_queryable(finished):
     assert len(rows) == 2 * len(steps)
     for run, step, block_top, full_top, n_blocks in rows:
         assert n_blocks >= 5 and block_top <= full_top * (1 + 1e-6), (run, step)
+
+
+def test_density_tridiagonals_stored_and_bounded_by_the_spectrum(finished):
+    """Gauss nodes are Ritz values of H: all ≤ λ1 (interlacing), and the largest is close to λ1."""
+    import numpy as np
+
+    from analyses.curvature.slq import SLQResult, gauss_quadrature
+
+    study, results, _ = finished
+    steps = study.runs[0].checkpoint_steps
+    _, rows = run_query(results, """
+        select d.run_id, d.step, d.dim, list(d.alphas order by d.probe), list(d.betas order by d.probe),
+               max(s.eigenvalue), sum(d.hvps)
+        from densities d join spectra s using (run_id, step) where s.rank = 0 group by all""")
+    assert len(rows) == 2 * len(steps)
+    for run, step, dim, alphas, betas, top, hvps in rows:
+        assert len(alphas) == 2 and hvps == sum(len(a) for a in alphas) <= 2 * 20
+        for a, b in zip(alphas, betas):
+            nodes, weights = gauss_quadrature(a, b)
+            assert abs(weights.sum() - 1) <= 1e-12
+            assert nodes.max() <= top * (1 + 1e-8) + 1e-12 and nodes.max() >= 0.9 * top, (run, step)
+        res = SLQResult(dim, alphas, betas, hvps)  # re-smoothed from the table alone, no HVPs
+        grid = np.linspace(res.pooled()[0].min() - 1, top + 1, 2001)
+        assert abs(res.density(grid, sigma=0.05 * top).sum() * (grid[1] - grid[0]) - 1) <= 1e-3
 
 
 def test_symmetries_hold_and_negative_control_fails_at_every_checkpoint(finished):
