@@ -96,11 +96,13 @@ def _targets(df: pd.DataFrame) -> list[str]:
                        f"best peer {p.library} {p.hvps:.0f} ({p.setting.split(' hvps')[0]}): "
                        f"**{'met' if e.hvps <= p.hvps else 'missed'}**")
     # T4: 2-actor efficiency >= 0.85
-    v = get("M8_parallel_efficiency", "cnn_all1797", "eqlab", "t1/(2 t2) medians")
-    m = get("M8_parallel_efficiency", "cnn_all1797", "eqlab", "t1/(2 t2) minima")
-    if v:
-        out.append(f"- **2-actor efficiency ≥ 0.85 (all 1797 digits)**: {v[0]:.2f} (medians), {m[0]:.2f} (minima): "
-                   f"**{'met' if v[0] >= 0.85 else 'missed'}**")
+    for k, what in ((1, "one vector per round trip (single-vector Lanczos)"),
+                    (4, "4 vectors per round trip (SLQ's lockstep probes, Hutch++, block Lanczos)")):
+        v = get("M8_parallel_efficiency", "cnn_all1797", "eqlab", f"k={k} t1/(2 t2) medians")
+        m = get("M8_parallel_efficiency", "cnn_all1797", "eqlab", f"k={k} t1/(2 t2) minima")
+        if v:
+            out.append(f"- **2-actor efficiency ≥ 0.85 (all 1797 digits), {what}**: {v[0]:.2f} (medians), "
+                       f"{m[0]:.2f} (minima): **{'met' if v[0] >= 0.85 else 'missed'}**")
     return out
 
 
