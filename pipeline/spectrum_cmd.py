@@ -38,7 +38,7 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
             raise ValueError("--sharded-basis needs --workers >= 2")
         connect(num_cpus=workers, address=address)
         backend = pool = ShardedBasis(source, workers, dtype, cpus_per_worker=1.0, names=names)
-        dim, matvec, method = pool.load(None), None, "sharded-basis"
+        dim, matvec, matmat, method = pool.load(None), None, None, "sharded-basis"
     elif workers > 1:
         from pipeline.cluster import connect
         from pipeline.spectra import ShardedHessian
@@ -46,10 +46,11 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         connect(num_cpus=workers, address=address)
         pool = ShardedHessian(source, workers, dtype, cpus_per_worker=1.0, names=names)
         dim = pool.load(None)
-        matvec, method = pool.matvec, "sharded"
+        matvec, matmat, method = pool.matvec, pool.matmat, "sharded"
     else:
         op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype])
-        dim, matvec, method = op.dim, op.matvec, op.method + ("+forward_conv" if op.conv == "forward" else "")
+        dim, matvec, matmat = op.dim, op.matvec, op.matmat
+        method = op.method + ("+forward_conv" if op.conv == "forward" else "")
     out = {"ref": ref, "dim": dim, "dtype": dtype, "workers": workers, "block": block, "method": method,
            "eigenvalues": [], "residuals": [], "converged": [], "hvps": 0}
     try:
@@ -68,14 +69,15 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         if (density or trace) and backend is not None:
             raise ValueError("--density/--trace run on full vectors; drop --sharded-basis for them")
         if density:  # raw tridiagonals are kept so the density can be re-smoothed without new HVPs
-            d = slq(matvec, dim, steps=min(density_steps, dim), probes=probes, seed=seed)
+            # probes in lockstep: one multi-column product per step (one round trip per step on actors)
+            d = slq(matvec, dim, steps=min(density_steps, dim), probes=probes, seed=seed, matmat=matmat)
             nodes, weights = d.pooled()
             out["density"] = {"steps": density_steps, "probes": probes, "hvps": d.n_matvec,
                               "nodes": nodes.tolist(), "weights": weights.tolist(),
                               "alphas": d.alphas, "betas": d.betas}
             out["hvps"] += d.n_matvec
         if trace:
-            t = hutchpp(matvec, dim, n_matvec=trace_matvecs, seed=seed)
+            t = hutchpp(matvec, dim, n_matvec=trace_matvecs, seed=seed, matmat=matmat)
             out["trace"] = {"method": "hutch++", "estimate": t.estimate, "std_error": t.std_error,
                             "hvps": t.n_matvec}
             out["hvps"] += t.n_matvec
