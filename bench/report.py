@@ -70,6 +70,15 @@ def _targets(df: pd.DataFrame) -> list[str]:
                        f"and ≤ 40 HVPs): **{'met' if ok else 'missed'}**")
         elif eq:
             out.append(f"- **Top-5 at 1e-3, {model}**: eqlab {eq[0]:.3f} s; no peer met 1e-3 at any setting")
+        cc = d[d.library == "eqlab[compiled]"].value.tolist()
+        ct = get("M3_compile_time", model, "eqlab[compiled]")
+        hc = get("M3_best_hvps", model, "eqlab[compiled]")
+        if cc and not peers.empty:
+            fastest = peers.loc[peers.value.idxmin()]
+            ok = cc[0] <= 0.5 * fastest.value and hc and hc[0] <= 40
+            out.append(f"- **Top-5 at 1e-3, {model}, opt-in `method=\"compiled\"`**: {cc[0]:.3f} s with {hc[0]:.0f} HVPs "
+                       f"(ratio {cc[0] / fastest.value:.2f} to {fastest.library}; after a one-time compile of "
+                       f"{ct[0]:.0f} s with a warm inductor cache, ≈ 35 s cold, not counted): **{'met' if ok else 'missed'}** with that cost")
     # T2: HVP/gradient <= 2.5 on CNN and transformer
     for model in ("cnn_b512", "gpt2_modadd"):
         v = get("M1_hvp_over_grad", model, "eqlab", "median")
@@ -117,6 +126,7 @@ SECTIONS = [
     ("M3 — sweep: HVPs per setting", "M3_sweep_hvps", False),
     ("M3 — cheapest passing setting: HVPs", "M3_best_hvps", False),
     ("M3 — cheapest passing setting: wall time (s, interleaved repeats)", "M3_best_time", False),
+    ("M3 — eqlab[compiled]: one-time torch.compile cost (s, not in the times above; inductor's on-disk cache may be warm from earlier runs, cold ≈ 35 s for the GPT-2)", "M3_compile_time", False),
     ("M4 — trace relative error (float64)", "M4_trace_rel_err", False),
     ("M5 — SLQ density W1 / spectral width (float64)", "M5_w1_over_width", False),
     ("M6 — per-block top-1 relative error (float64)", "M6_block_top1_err", False),

@@ -51,6 +51,10 @@ def _spectrum(args) -> int:
     from pipeline.userfunc import parse_overrides
 
     keep_freed_memory()  # the CLI owns its process: steady, fault-free HVPs (pipeline/allocator.py)
+    if args.method != "auto" and (args.workers > 1 or args.sharded_basis):
+        print("eqlab: error: --method applies in-process; with --workers > 1 each actor measures its own",
+              file=sys.stderr)
+        return 2
 
     if args.sharded_basis and (args.workers < 2 or args.density or args.trace):
         print("eqlab: error: --sharded-basis needs --workers >= 2 and works with --top/--bottom only",
@@ -60,7 +64,8 @@ def _spectrum(args) -> int:
                               workers=args.workers, dtype=args.dtype, tol=args.tol, max_iter=args.max_iter,
                               address=args.address, density=args.density, density_steps=args.density_steps,
                               probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs,
-                              sharded_basis=args.sharded_basis, overrides=parse_overrides(args.config))
+                              sharded_basis=args.sharded_basis, overrides=parse_overrides(args.config),
+                              method=args.method)
     print(sc.to_json(out) if args.json else sc.format_spectrum(out))
     return 0
 
@@ -99,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block", help="regex on parameter names: the spectrum of that diagonal block")
     s.add_argument("--workers", type=int, default=1, help="Ray actors sharing the batch (default 1: in-process)")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    s.add_argument("--method", default="auto",
+                   choices=("auto", "double_backward", "forward_over_reverse", "double_backward_cached", "compiled"),
+                   help="HVP method in-process (default auto: measured; compiled: torch.compile, slow to start, "
+                        "fastest per product on small models)")
     s.add_argument("--tol", type=float, default=1e-6, help="relative true-residual tolerance")
     s.add_argument("--max-iter", type=int, default=200)
     s.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")

@@ -23,7 +23,9 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
                      dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
                      address: str | None = None, density: bool = False, density_steps: int = 40,
                      probes: int = 4, trace: bool = False, trace_matvecs: int = 30,
-                     sharded_basis: bool = False, overrides=()) -> dict:
+                     sharded_basis: bool = False, overrides=(), method: str = "auto") -> dict:
+    if method != "auto" and (workers > 1 or sharded_basis):
+        raise ValueError("--method applies in-process; with --workers > 1 each actor measures its own")
     source = UserSource(ref, shards=workers, overrides=tuple(overrides))
     model, loss, batches = source(DTYPES[dtype])
     names = ParamSpace.matching(model, block).names if block else None
@@ -48,7 +50,7 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         dim = pool.load(None)
         matvec, matmat, method = pool.matvec, pool.matmat, "sharded"
     else:
-        op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype])
+        op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype], method=method)
         dim, matvec, matmat = op.dim, op.matvec, op.matmat
         method = op.method + ("+forward_conv" if op.conv == "forward" else "")
     out = {"ref": ref, "dim": dim, "dtype": dtype, "workers": workers, "block": block, "method": method,

@@ -111,6 +111,17 @@ def test_inspect_gelu_has_no_rescale_symmetry(user_file, tmp_path):
     assert any(r["symmetry"] == "softmax_translation" and r["holds"] for r in rows)
 
 
+def test_spectrum_method_choice_and_its_misuse(user_file):
+    ref = f"{user_file}:relu_mlp"
+    proc = eqlab("spectrum", ref, "--top", "2", "--method", "double_backward", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "double_backward"
+    assert np.allclose(out["eigenvalues"], dense_spectrum(ref)[::-1][:2], rtol=1e-6, atol=0)
+    proc = eqlab("spectrum", ref, "--method", "compiled", "--workers", "2")
+    assert proc.returncode == 2 and proc.stderr.startswith("eqlab: error: --method") and "Traceback" not in proc.stderr
+
+
 def test_bad_user_reference_is_one_line(tmp_path):
     proc = eqlab("inspect", f"{tmp_path}/missing.py:f")
     assert proc.returncode == 2 and proc.stderr.startswith("eqlab: error:") and "Traceback" not in proc.stderr

@@ -41,7 +41,9 @@ from analyses.curvature.hvp import HVP, HVPS
 from analyses.curvature.params import ParamSpace
 
 CACHED = "double_backward_cached"
-METHODS = tuple(HVP) + (CACHED,)
+COMPILED = "compiled"  # opt-in only: forward-over-reverse under torch.compile (compiled.py)
+METHODS = tuple(HVP) + (CACHED, COMPILED)
+FORWARD_MODE = ("forward_over_reverse", COMPILED)  # methods that need forward-mode AD
 CONVS = ("auto", "native", "forward")
 
 
@@ -114,7 +116,8 @@ class HessianOperator:
 
     ``method``: ``"double_backward"``, ``"forward_over_reverse"``, ``"double_backward_cached"`` (the
     first-order graph of every batch is built once and kept; each product is one second backward, see
-    `cached.py`) or ``"auto"`` (time them once on the first batch and keep the fastest; the cached one
+    `cached.py`), ``"compiled"`` (forward-over-reverse under ``torch.compile``: fastest per product on
+    small models, but tens of seconds to compile per batch; opt-in, see `compiled.py`) or ``"auto"`` (time them once on the first batch and keep the fastest; the cached one
     only if its measured graph size times the number of batches fits ``max_cache_bytes``; the
     measurements are in ``self.timings``).
     ``dtype``: work in this dtype on a converted copy (default: the model's own dtype).
@@ -135,8 +138,8 @@ class HessianOperator:
             raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {method!r}")
         if conv not in CONVS:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
-        if conv == "forward" and method == "forward_over_reverse":
-            raise ValueError("conv='forward' has no forward-mode AD; use conv='native' with forward_over_reverse")
+        if conv == "forward" and method in FORWARD_MODE:
+            raise ValueError(f"conv='forward' has no forward-mode AD; use conv='native' with {method}")
         self.space = names if isinstance(names, ParamSpace) else ParamSpace(model, names)
         self.model = analysis_copy(model, dtype)
         first = next(iter(self.model.parameters()))
@@ -152,6 +155,7 @@ class HessianOperator:
         self.timings: dict[str, float | str] = {}
         self.max_cache_bytes = default_cache_bytes() if max_cache_bytes is None else int(max_cache_bytes)
         self._graphs: list[CachedGraph | None] = [None] * len(self.batches)
+        self._compiled: list = [None] * len(self.batches)
         self._fingerprint = None
         self._watched: list[Tensor] | None = None
         self.cache_rebuilds = 0  # times an in-place change of a parameter/buffer forced a rebuild
@@ -159,7 +163,7 @@ class HessianOperator:
         if self.method != CACHED:
             self._graphs = [None] * len(self.batches)  # auto's trial graph: free it
         self.conv = "native"
-        if conv != "native" and self.method != "forward_over_reverse" and count_eligible(self.model):
+        if conv != "native" and self.method not in FORWARD_MODE and count_eligible(self.model):
             self.conv = self._choose_conv() if conv == "auto" else "forward"
             use_forward_convs(self.model, self.conv == "forward")
             self.drop_cache()  # graphs built with the other variant
@@ -321,12 +325,17 @@ class HessianOperator:
     def _hvp(self, i: int, vd) -> dict:
         if self.method == CACHED:
             return self._graph(i).hvp(vd)
+        if self.method == COMPILED:
+            if self._compiled[i] is None:  # compiled lazily, once per batch (tens of seconds: compiled.py)
+                from analyses.curvature.compiled import CompiledHVP
+                self._compiled[i] = CompiledHVP(self._L[i])
+            return self._compiled[i](self.params, vd)
         return HVP[self.method](self._L[i], self.params, vd)
 
     def _hvps(self, i: int, Vd) -> dict:
         """Batched H_b V on batch i, falling back to a loop over columns where batching fails."""
         L = self._L[i]
-        if self.matmat_mode != "loop":
+        if self.matmat_mode != "loop" and self.method != COMPILED:  # compiled: column by column
             try:
                 out = self._graph(i).hvps(Vd) if self.method == CACHED else HVPS[self.method](L, self.params, Vd)
                 self.matmat_mode = "batched"
