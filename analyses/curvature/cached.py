@@ -81,6 +81,18 @@ class CachedGraph:
                                    retain_graph=True, allow_unused=True)
         return self._pack(cols)
 
+    def hvp_flat(self, v: Tensor) -> Tensor:
+        """H v for a flat ``v`` laid out in ``self.names`` order: one split and one cat, no dicts (on
+        small models the dict round trip was ~5% of a product)."""
+        sizes = [p.numel() for p in self.leaves]
+        if not self.grads:
+            return torch.zeros_like(v)
+        parts = torch.split(v, sizes)
+        cols = torch.autograd.grad(self.grads, self.leaves,
+                                   grad_outputs=[parts[i].view(self.leaves[i].shape) for i in self.live],
+                                   retain_graph=True, allow_unused=True)
+        return torch.cat([c.reshape(-1) if c is not None else v.new_zeros(n) for c, n in zip(cols, sizes)])
+
     def hvps(self, V: Mapping[str, Tensor]) -> ParamDict:
         """H·V for ``V = {name: (k, *shape)}``: one vmapped second backward (``is_grads_batched``)."""
         k = next(iter(V.values())).shape[0]
