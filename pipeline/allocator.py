@@ -1,12 +1,13 @@
 """Keep freed memory in the process instead of handing it back to the OS (glibc only).
 
 Why. glibc serves large allocations with fresh ``mmap`` pages and returns freed ones to the OS, so
-every HVP re-faults its temporaries: on the digits CNN (float64, 2 micro-batches of 450) that is
-≈3,700 minor page faults (≈15 MB of zeroed pages) per product, ≈15% of its time, and the faults
-make per-product times jitter by ±25%. A pool of actors waits for its slowest member on every
-product, so that jitter costs parallel efficiency directly. Fixing the mmap threshold (1 GiB) and
-disabling trimming makes the allocator reuse its heap: faults drop to ~0 per product and the times
-become steady (measured by the benchmark, M8).
+every HVP re-faults its temporaries: on the digits CNN (float64, 2 micro-batches of 450) that was
+typically ≈3,700 minor page faults (≈15 MB of zeroed pages) per product, ≈15% of its time, with
+per-product times jittering by ±25% (glibc's dynamic threshold sometimes adapts by itself, so the
+count varies from run to run). A pool of actors waits for its slowest member on every product, so
+that jitter costs parallel efficiency directly. Fixing the mmap threshold (1 GiB) and disabling
+trimming makes the allocator reuse its heap: measured 22.8 ms steady per product against 23–36 ms,
+and faults near zero (COST.md, "Process memory").
 
 Only for processes eqlab owns (its Ray actors, the ``eqlab`` CLI): it is a process-wide setting and
 the price is that the process keeps its peak heap until it exits. A user's own Python process is
