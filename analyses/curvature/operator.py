@@ -117,16 +117,18 @@ class HessianOperator:
     ``method``: ``"double_backward"``, ``"forward_over_reverse"``, ``"double_backward_cached"`` (the
     first-order graph of every batch is built once and kept; each product is one second backward, see
     `cached.py`), ``"compiled"`` (forward-over-reverse under ``torch.compile``: fastest per product on
-    small models, but tens of seconds to compile per batch; opt-in, see `compiled.py`) or ``"auto"`` (time them once on the first batch and keep the fastest; the cached one
-    only if its measured graph size times the number of batches fits ``max_cache_bytes``; the
-    measurements are in ``self.timings``).
+    small models, but tens of seconds to compile per batch; opt-in, see `compiled.py`) or ``"auto"``
+    (time the first three once on the first batch and keep the fastest; the cached one only if its
+    measured graph size times the number of batches fits ``max_cache_bytes``; the measurements are in
+    ``self.timings``).
     ``dtype``: work in this dtype on a converted copy (default: the model's own dtype).
     ``max_cache_bytes``: memory guard for ``auto`` (default `default_cache_bytes`); an explicit
     ``method="double_backward_cached"`` is obeyed regardless, its estimate is in ``self.cache_bytes``.
     ``conv``: how eligible ``nn.Conv2d`` layers are differentiated: ``"native"`` (torch's
     ``convolution_backward``), ``"forward"`` (every derivative a forward convolution, `conv.py`), or
     ``"auto"`` (time the chosen method's HVP both ways on the first batch, keep ``forward`` only if
-    >10% faster; ``self.conv`` says what was kept). Not combined with ``forward_over_reverse``.
+    >10% faster; ``self.conv`` says what was kept). Native always with the forward-mode methods
+    (``forward_over_reverse``, ``compiled``).
     ``n_hvp`` counts operator applications (one per vector over all batches); the auto timing
     is not counted.
     """
