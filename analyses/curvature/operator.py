@@ -301,10 +301,12 @@ class HessianOperator:
         """(Σ_b n_b H_b v in float64, Σ_b n_b): the shardable, unnormalised product."""
         if v.shape != (self.dim,):
             raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
-        vd = self.space.unflatten(v.detach().to(device=self.device, dtype=self.dtype))
+        x = v.detach().to(device=self.device, dtype=self.dtype)
+        vd = None if self.method == CACHED else self.space.unflatten(x)  # cached graphs take flat vectors
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for i, n in enumerate(self.sizes):
-            total.add_(self.space.flatten(self._hvp(i, vd)), alpha=n)  # promotes to float64 in place
+            hv = self._graph(i).hvp_flat(x) if vd is None else self.space.flatten(self._hvp(i, vd))
+            total.add_(hv, alpha=n)  # promotes to float64 in place
         self.n_hvp += 1
         return total, self.n_examples
 
