@@ -302,11 +302,9 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
         x = v.detach().to(device=self.device, dtype=self.dtype)
-        vd = None if self.method == CACHED else self.space.unflatten(x)  # cached graphs take flat vectors
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for i, n in enumerate(self.sizes):
-            hv = self._graph(i).hvp_flat(x) if vd is None else self.space.flatten(self._hvp(i, vd))
-            total.add_(hv, alpha=n)  # promotes to float64 in place
+            total.add_(self._hvp_flat(i, x), alpha=n)  # promotes to float64 in place
         self.n_hvp += 1
         return total, self.n_examples
 
@@ -317,11 +315,7 @@ class HessianOperator:
             # dim-length buffers cost as much as the cached second backward itself (MiniLM: 0.46 s).
             if v.shape != (self.dim,):
                 raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
-            x = v.detach().to(self.device, self.dtype)
-            if self.method == CACHED:  # the graph's leaves are this space's names, in order
-                hv = self._graph(0).hvp_flat(x)
-            else:
-                hv = self.space.flatten(self._hvp(0, self.space.unflatten(x)))
+            hv = self._hvp_flat(0, v.detach().to(self.device, self.dtype))
             self.n_hvp += 1
             return hv.to(device=v.device, dtype=v.dtype)
         total, n = self.sum_matvec(v)
@@ -329,6 +323,12 @@ class HessianOperator:
 
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def _hvp_flat(self, i: int, x: Tensor) -> Tensor:
+        """H_b x on batch i for a flat x in this space's order (a cached graph takes it as it is)."""
+        if self.method == CACHED:
+            return self._graph(i).hvp_flat(x)
+        return self.space.flatten(self._hvp(i, self.space.unflatten(x)))
 
     def _hvp(self, i: int, vd) -> dict:
         if self.method == CACHED:

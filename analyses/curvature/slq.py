@@ -17,14 +17,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
 
 from analyses.curvature.backend import LocalBackend
+from analyses.curvature.lanczos import tridiagonal_eigh
 
 
 def gauss_quadrature(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
     """Nodes (ascending) and weights (sum 1) of the Gauss rule of the tridiagonal (alphas, betas)."""
-    theta, S = eigh_tridiagonal(np.asarray(alphas, dtype=float), np.asarray(betas, dtype=float))
+    theta, S = tridiagonal_eigh(alphas, betas)
     return theta, S[0] ** 2
 
 
