@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from analyses.curvature.cached import CachedGraph
 from analyses.curvature.operator import CACHED, HessianOperator
 from test_curvature_operator import Noisy, mlp_with_unused, reference_hessian, rel, tiny_cnn, tiny_gpt2
 
@@ -71,3 +72,49 @@ def test_auto_obeys_the_memory_guard():
     assert op.timings["cache_bytes_estimate"] > 0 and op.cache_bytes == 0  # trial graph freed
     op = HessianOperator(model, loss, batch, method=CACHED, max_cache_bytes=0)  # explicit: obeyed
     assert op.method == CACHED
+
+
+def _hooked_build(L, params):
+    """The same graph built under saved-tensor hooks: an independent measure of what it saves."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        graph = CachedGraph(L, params)
+    return graph, sum(seen.values())
+
+
+@pytest.mark.parametrize("make", [tiny_cnn, tiny_gpt2], ids=["cnn", "gpt2"])
+def test_graph_walk_measures_what_hooks_measure_and_products_accumulate_exactly(make):
+    model, loss, batch = make()
+    op = HessianOperator(model, loss, batch, method=CACHED)
+    hooked_graph, hooked = _hooked_build(op._L[0], op.params)
+    assert abs(hooked_graph.nbytes - hooked) <= 0.001 * hooked  # scalars aside, the same storages
+    graph = op._graph(0)
+    # θ is the graph's only leaf, so a product accumulates into θ.grad (taken and reset each time)
+    assert graph.accumulate
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(4), dtype=F64)
+    public = torch.autograd.grad(graph.g, graph.flat, grad_outputs=v, retain_graph=True)[0]
+    for _ in range(2):
+        assert torch.equal(graph.hvp_flat(v), public) and graph.flat.grad is None
+
+
+def test_a_loss_reading_another_grad_tensor_keeps_the_explicit_input_path():
+    """A loss closing over a tensor that requires grad (a learnable temperature, say) gives the graph a
+    second leaf: products must not accumulate into it, and must stay exact."""
+    model, loss, batch = mlp_with_unused()
+    temperature = torch.tensor(1.7, dtype=F64, requires_grad=True)
+
+    def tempered(out, y):
+        return loss(out / temperature, y)
+
+    op = HessianOperator(model, tempered, batch, method=CACHED)
+    graph = op._graph(0)
+    assert not graph.accumulate
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=F64)
+    H = reference_hessian(model, tempered, [batch])
+    assert rel(op.matvec(v), H @ v) <= 1e-10 and temperature.grad is None

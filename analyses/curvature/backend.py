@@ -86,6 +86,17 @@ class KrylovBackend(ABC):
     def norm(self, x) -> float:
         return float(np.sqrt(max(self.gram(x, x)[0, 0], 0.0)))
 
+    def lanczos_step(self, q, q_prev, beta_prev: float):
+        """One step of single-vector Lanczos from the unit block ``q`` (dim×1): w = H q is appended with
+        q to the basis, and r = w − α q − β_prev q_prev (α = qᵀw) is orthogonalised against the whole
+        basis. Returns (r, α, ‖r‖). Composed of the primitives above; a backend may fuse them."""
+        w = self.apply(q)
+        self.append(q, w)
+        alpha = float(self.gram(q, w)[0, 0])
+        terms = [(w, [[1.0]]), (q, [[-alpha]])] + ([(q_prev, [[-beta_prev]])] if q_prev is not None else [])
+        r = self.orthogonalise(self.lincomb(terms))
+        return r, alpha, self.norm(r)
+
 
 class LocalBackend(KrylovBackend):
     """Everything in one process: blocks are dim×b tensors, the basis is two row buffers."""
@@ -156,8 +167,12 @@ class LocalBackend(KrylovBackend):
                 new = torch.empty(cap, self.dim, dtype=self.dtype, device=self.device)
                 new[: self._m] = old[: self._m]
                 setattr(self, name, new)
-        self._Q[self._m:self._m + b] = Q.T
-        self._W[self._m:self._m + b] = W.T
+        if b == 1:  # a row copy: cheaper than slice assignment of a transposed block
+            self._Q[self._m].copy_(Q[:, 0])
+            self._W[self._m].copy_(W[:, 0])
+        else:
+            self._Q[self._m:self._m + b] = Q.T
+            self._W[self._m:self._m + b] = W.T
         self._m += b
 
     def project(self, X: Tensor) -> np.ndarray:
@@ -176,13 +191,32 @@ class LocalBackend(KrylovBackend):
     def norm(self, x: Tensor) -> float:
         return float(torch.linalg.norm(x))
 
+    def lanczos_step(self, q: Tensor, q_prev: Tensor | None, beta_prev: float):
+        # The same arithmetic as the generic step in a dozen torch calls: on small models the driver's
+        # own per-step cost is Python overhead (0.23 ms a step against a 1.7 ms HVP on the tiny GPT-2).
+        w = self.apply(q)
+        self.append(q, w)
+        alpha = float(torch.dot(q[:, 0], w[:, 0]))
+        r = torch.add(w, q, alpha=-alpha)
+        if q_prev is not None:
+            r.add_(q_prev, alpha=-beta_prev)
+        Q = self.Q
+        for _ in range(2):  # two passes of classical Gram–Schmidt, as `orthogonalise`
+            r = torch.addmm(r, Q.T, Q @ r, alpha=-1.0)
+        return r, alpha, float(torch.linalg.vector_norm(r))
+
     def subtract_basis(self, X: Tensor, C: np.ndarray) -> Tensor:
         return X - self.Q.T @ self._c(C)
 
     def residual_norms(self, S: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        Y, HY = self.ritz_vectors(S)
-        return torch.linalg.norm(HY - Y * self._c(theta), dim=0).double().cpu().numpy()
+        Y, HY = self._ritz_rows(S)
+        return torch.linalg.norm(HY - Y * self._c(theta)[:, None], dim=1).double().cpu().numpy()
+
+    def _ritz_rows(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
+        # Sᵀ(Q rows) rather than (Qᵀ)S: the same product, 3× faster for a thin S (k×m by m×dim)
+        St = self._c(S).T
+        return St @ self.Q, St @ self.W
 
     def ritz_vectors(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
-        S = self._c(S)
-        return self.Q.T @ S, self.W.T @ S
+        Y, HY = self._ritz_rows(S)
+        return Y.T, HY.T

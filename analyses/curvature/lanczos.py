@@ -83,10 +83,21 @@ def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
     return eigh_tridiagonal(d, e, check_finite=False)
 
 
+def tridiagonal_eigvalsh(alphas, betas) -> np.ndarray:
+    """Ascending eigenvalues only of the symmetric tridiagonal (alphas, betas) (dstev without vectors)."""
+    d, e = np.array(alphas, dtype=np.float64), np.array(betas, dtype=np.float64)
+    if len(d) > 1:
+        w, _, info = dstev(d, e, compute_v=0)
+        if info == 0:
+            return w
+    return eigh_tridiagonal(d, e, eigvals_only=True, check_finite=False)
+
+
 def _select(evals: np.ndarray, k: int, which: str) -> np.ndarray:
     """Indices into ascending ``evals`` of the wanted Ritz values, in output order."""
-    top, bottom = np.arange(len(evals))[::-1][:k], np.arange(len(evals))[:k]
-    return {"LA": top, "SA": bottom, "both": np.concatenate([top, bottom])}[which]
+    n = len(evals)
+    top, bottom = np.arange(n - 1, max(n - k, 0) - 1, -1), np.arange(min(k, n))
+    return top if which == "LA" else bottom if which == "SA" else np.concatenate([top, bottom])
 
 
 def _improves(block: np.ndarray, chosen: np.ndarray, which: str, gap: float) -> bool:
@@ -148,6 +159,11 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
         if rtol is None:
             return r <= tol * scale, b
         return b <= np.maximum(rtol * np.abs(evals[idx]), floor * scale), b
+    def cheap_pass(check, r_all, evals, scale) -> bool:
+        """Do the cheap residual estimates already meet the rule (then the true residuals are worth it)?"""
+        if rtol is None:  # the residual rule needs no eigenvalue bounds
+            return bool((r_all[check] <= tol * scale).all())
+        return bool(passes(check, r_all[check], evals, r_all, scale)[0].all())
     break_tol = min(tol, 1e-6) * 1e-2  # β below this (relative) is an invariant subspace
     gen = torch.Generator().manual_seed(seed)
     be = backend if backend is not None else LocalBackend(dim, matvec, dtype=dtype, device=device,
@@ -171,42 +187,45 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     alphas: list[float] = []
     betas: list[float] = []
     q_prev, beta_prev = None, 0.0
-    r_last = np.zeros(0)
     block_start, restarts, pending = 0, 0, False
-    done = False
+    done = broke = False
     while not done:
-        w = be.apply(q)
-        be.append(q, w)
-        alpha = float(be.gram(q, w)[0, 0])
-        terms = [(w, [[1.0]]), (q, [[-alpha]])] + ([(q_prev, [[-beta_prev]])] if q_prev is not None else [])
-        r = be.orthogonalise(be.lincomb(terms))
-        beta = be.norm(r)
+        r, alpha, beta = be.lanczos_step(q, q_prev, beta_prev)
         alphas.append(alpha)
         m = be.m
 
-        evals, S = tridiagonal_eigh(alphas, betas)
+        enough = m >= min(n_wanted, dim)
+        S = None
+        if enough and m >= min_iter:  # a stopping check follows: eigenvectors of T now
+            evals, S = tridiagonal_eigh(alphas, betas)
+        else:
+            evals = tridiagonal_eigvalsh(alphas, betas)
         scale = max(float(np.abs(evals).max()), tiny)
         broke = beta <= break_tol * scale or m == dim
-        enough = m >= min(n_wanted, dim)
-        chosen = _select(evals, k, which)
         if broke:  # the block is exact: does it leave room for further copies?
-            block = eigh_tridiagonal(np.array(alphas[block_start:]), np.array(betas[block_start:]),
-                                     eigvals_only=True)
+            block = tridiagonal_eigvalsh(alphas[block_start:], betas[block_start:])
             sides = {"LA": evals[_select(evals, k, "LA")], "SA": evals[_select(evals, k, "SA")]}
             pending = not enough or _improves(block, sides, which, tol * scale)
-
-        # The current block's extreme Ritz pairs must converge too while a multiplicity check is pending.
-        in_block = np.flatnonzero(np.linalg.norm(S[block_start:, :], axis=0) > 0.7)  # T splits into blocks
-        extremes = [] if (broke or not pending or not len(in_block)) else \
-            ([in_block[-1]] if which in ("LA", "both") else []) + ([in_block[0]] if which in ("SA", "both") else [])
-        check = np.unique(np.concatenate([chosen, np.array(extremes, dtype=int)]))
-        r_all = np.zeros(len(evals)) if broke else beta * np.abs(S[-1, :])  # cheap estimates, all pairs
-        r_last = r_all
-        converged = None
-        if enough and (broke or m >= min_iter) and passes(check, r_all[check], evals, r_all, scale)[0].all():
-            residuals = be.residual_norms(S[:, check], evals[check])
-            converged = passes(check, residuals, evals, r_all, scale)[0]
-            done = bool(converged.all()) and not (broke and pending)
+        if enough and (broke or m >= min_iter):  # eigenvectors of T and the checks only when they can stop
+            if S is None:
+                evals, S = tridiagonal_eigh(alphas, betas)
+            chosen = _select(evals, k, which)
+            # The current block's extreme Ritz pairs must converge too while a multiplicity check is pending.
+            extremes = []
+            if not broke and pending:
+                in_block = np.flatnonzero(np.linalg.norm(S[block_start:, :], axis=0) > 0.7)  # T splits into blocks
+                if len(in_block):
+                    extremes = ([in_block[-1]] if which in ("LA", "both") else []) + \
+                        ([in_block[0]] if which in ("SA", "both") else [])
+            if extremes or which == "both":
+                check = np.unique(np.concatenate([chosen, np.array(extremes, dtype=int)]))
+            else:
+                check = np.sort(chosen)
+            r_all = np.zeros(len(evals)) if broke else beta * np.abs(S[-1, :])  # cheap estimates, all pairs
+            if cheap_pass(check, r_all, evals, scale):
+                residuals = be.residual_norms(S[:, check], evals[check])
+                converged = passes(check, residuals, evals, r_all, scale)[0]
+                done = bool(converged.all()) and not (broke and pending)
         if m >= max_iter or done:
             break
         if broke:
@@ -228,9 +247,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     Y, HY = be.ritz_vectors(S[:, chosen])
     theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
     res = torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
-    # the last step's cheap estimates for the gaps (same T unless the loop never ran a check), true r for ours
-    r_all = r_last if len(r_last) == len(evals) else np.zeros(len(evals))
-    r_all = r_all.copy()
+    # the last step's cheap estimates for the gaps, true r for ours
+    r_all = np.zeros(len(evals)) if broke else beta * np.abs(S[-1, :])
     r_all[chosen] = res
     ok, bounds = passes(chosen, res, evals, r_all, scale)
     return LanczosResult(
