@@ -110,7 +110,8 @@ class CachedGraph:
         first = params[self.names[0]]
         flat = torch.cat([params[n].detach().reshape(-1) for n in self.names]).requires_grad_(True)
         pieces = flat.split(self.sizes)
-        ps = {n: t.view(self.shapes[n]) for n, t in zip(self.names, pieces)}
+        # a 1-D piece already has its shape: no view, so no extra node for every product to walk
+        ps = {n: t if t.shape == self.shapes[n] else t.view(self.shapes[n]) for n, t in zip(self.names, pieces)}
         value = L(ps)
         (g,) = torch.autograd.grad(value, flat, create_graph=True, allow_unused=True, materialize_grads=True)
         self.flat, self.dtype, self.device = flat, first.dtype, first.device
