@@ -291,10 +291,12 @@ def m8(problem, matvecs):
     # k = 1: single-vector Lanczos; k = 4: what SLQ with 4 lockstep probes, Hutch++ and block Lanczos send
     V4 = torch.randn(single.dim, 4, dtype=F64, generator=torch.Generator().manual_seed(6))
     ref4 = single.matmat(V4)
-    # Both pools stay alive and are timed round-robin, so slow drifts of the shared host hit 1 and 2
-    # actors alike (timed one phase after the other, the ratio moved between 0.83 and 0.91 run to run).
-    # Scheduling asks 0.5 CPU per actor so the three actors fit the 2-CPU cluster; each still runs one
-    # thread, and only the pool being timed computes (the other waits idle).
+    # Both pools stay alive and are timed in alternating blocks of back-to-back products, as a Lanczos run
+    # issues them: host drift hits 1 and 2 actors alike (timed one phase after the other, the ratio moved
+    # between 0.83 and 0.91 run to run), while products inside a block stay back to back. (Alternating
+    # single products instead leaves each pool idle while the other computes, and a Ray round trip after
+    # idling costs ~1 ms more on this VM: COST.md.) Scheduling asks 0.5 CPU per actor so the three actors
+    # fit the 2-CPU cluster; each still runs one thread, and only the pool being timed computes.
     pools, fns = {}, {}
     for w in (1, 2):
         pool = pools[w] = ShardedHessian(source, workers=w, dtype="float64", cpus_per_worker=0.5)
@@ -307,9 +309,17 @@ def m8(problem, matvecs):
         fns[w, 4] = (lambda p: lambda: p.matmat(V4))(pool)
     times = {}
     for k in (1, 4):
-        t = M.interleaved({w: fns[w, k] for w in (1, 2)}, repeats=matvecs, warmup=2)
+        per_block = 8 if k == 1 else 4
+        blocks = {w: [] for w in (1, 2)}
+        for b in range(matvecs + 1):
+            for w in ((1, 2) if b % 2 else (2, 1)):
+                t0 = time.perf_counter()
+                for _ in range(per_block):
+                    fns[w, k]()
+                if b:  # block 0 is the warm-up
+                    blocks[w].append((time.perf_counter() - t0) / per_block)
         for w in (1, 2):
-            times[w, k] = M.med_min(t[w])
+            times[w, k] = M.med_min(blocks[w])
             row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k} median", times[w, k][0], "s")
             row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k} min", times[w, k][1], "s")
     for pool in pools.values():
