@@ -130,6 +130,7 @@ SECTIONS = [
     ("M8 — sharded vs single-process matvec (float64)", "M8_sharded_vs_single", False),
     ("M8 — matvec time, Ray actors, 1 thread each (s)", "M8_matvec_time", False),
     ("M8 — parallel efficiency t1 / (2·t2)", "M8_parallel_efficiency", False),
+    ("M8 — per-product overhead of 2 actors over perfect halving, t2 − t1/2 (ms, medians)", "M8_overhead", False),
     ("MiniLM-L6 — HVP / gradient (float32, batch 4×64, subprocess per library; eqlab_dbl/_fwd/_cached = its three exact methods)", "MiniLM_hvp_over_grad", False),
     ("MiniLM-L6 — HVP time (s)", "MiniLM_hvp_time", False),
     ("MiniLM-L6 — peak RSS (MB)", "MiniLM_peak_rss", False),

@@ -329,6 +329,7 @@ def m8(problem, matvecs):
             times[1, k][0] / (2 * times[2, k][0]), "x")
         row("M8_parallel_efficiency", problem.name, "eqlab", f"k={k} t1/(2 t2) minima",
             times[1, k][1] / (2 * times[2, k][1]), "x")
+        row("M8_overhead", problem.name, "eqlab", f"k={k}", 1e3 * (times[2, k][0] - times[1, k][0] / 2), "ms")
     ray.shutdown()
 
 

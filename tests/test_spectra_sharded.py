@@ -81,3 +81,17 @@ def test_actor_killed_mid_lanczos_is_replaced_and_result_unchanged(ray_cluster):
             assert abs(a["eigenvalue"] - b["eigenvalue"]) <= 1e-10 * abs(clean[0]["eigenvalue"])
     finally:
         pool.shutdown()
+
+
+def test_embedded_cluster_workers_skip_task_event_reporting(ray_cluster):
+    """Without a dashboard nothing reads Ray's task events, and reporting them lengthens every actor
+    call a sharded HVP makes; the embedded cluster turns them off, and its workers must inherit that."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def seen() -> str | None:
+        return os.environ.get("RAY_task_events_report_interval_ms")
+
+    assert ray.get(seen.remote()) == "0"
