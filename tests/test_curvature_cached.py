@@ -101,6 +101,8 @@ def test_graph_walk_measures_what_hooks_measure_and_products_accumulate_exactly(
     public = torch.autograd.grad(graph.g, graph.flat, grad_outputs=v, retain_graph=True)[0]
     for _ in range(2):
         assert torch.equal(graph.hvp_flat(v), public) and graph.flat.grad is None
+    graph.accumulate = False  # the path of large parameter spaces: θ as the engine's explicit input
+    assert torch.equal(graph.hvp_flat(v), public) and graph.flat.grad is None
 
 
 def test_a_loss_reading_another_grad_tensor_keeps_the_explicit_input_path():
