@@ -185,7 +185,7 @@ class LocalBackend(KrylovBackend):
             return X
         Q = self.Q
         for _ in range(2):  # two passes of classical Gram–Schmidt ("twice is enough")
-            X = X - Q.T @ (Q @ X)
+            X = torch.addmm(X, Q.T, Q @ X, alpha=-1.0)
         return X
 
     def norm(self, x: Tensor) -> float:
@@ -200,10 +200,8 @@ class LocalBackend(KrylovBackend):
         r = torch.add(w, q, alpha=-alpha)
         if q_prev is not None:
             r.add_(q_prev, alpha=-beta_prev)
-        Q = self.Q
-        for _ in range(2):  # two passes of classical Gram–Schmidt, as `orthogonalise`
-            r = torch.addmm(r, Q.T, Q @ r, alpha=-1.0)
-        return r, alpha, float(torch.linalg.vector_norm(r))
+        r = self.orthogonalise(r)
+        return r, alpha, self.norm(r)
 
     def subtract_basis(self, X: Tensor, C: np.ndarray) -> Tensor:
         return X - self.Q.T @ self._c(C)

@@ -6,7 +6,8 @@ them once and keeps the graph of the gradient g(θ) (``retain_graph`` on every p
 then only the second backward ``grad(g, θ, v)``. Exact: the same computation as `hvp_double_backward`.
 
 Price: the graph's saved tensors stay alive for the operator's lifetime, for *every* batch. `nbytes`
-measures them (a walk over the graph's nodes reading what each one saved, each storage counted once), so the operator can refuse to cache when the total would be too large (see `operator.py`).
+measures them (a walk over the graph's nodes reading what each one saved, each storage counted once),
+so the operator can refuse to cache when the total would be too large (see `operator.py`).
 
 Staleness: the graph is a function of the parameter and buffer values at build time. The owner
 records their version counters (`fingerprint`) and rebuilds when any tensor was changed in place
@@ -137,8 +138,8 @@ class CachedGraph:
             if self.flat.grad is not None:  # left over by a product that raised half-way
                 self.flat.grad = None
             _run_backward((self.g,), (v,), True, False, (), False, True)  # keep graph, accumulate into θ.grad
-            hv, self.flat.grad = self.flat.grad, None
-            return hv if hv is not None else torch.zeros_like(v)
+            hv, self.flat.grad = self.flat.grad, None  # θ is a leaf of g's graph, so this is set
+            return hv
         if _run_backward is not None:  # torch.autograd.grad without its Python-side checks
             return _run_backward((self.g,), (v,), True, False, (self.flat,), False, False)[0]
         return torch.autograd.grad(self.g, self.flat, grad_outputs=v, retain_graph=True)[0]

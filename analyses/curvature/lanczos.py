@@ -70,27 +70,25 @@ class LanczosResult:
     rule: str = "residual"
 
 
-def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
-    """Ascending eigenvalues and eigenvectors of the symmetric tridiagonal (alphas, betas).
-
-    LAPACK's dstev directly: scipy's `eigh_tridiagonal` wrapper validates and dispatches on every call,
-    which is half its cost at the sizes Lanczos sees (m ≲ 300). Falls back to it if dstev fails."""
+def _dstev(alphas, betas, vectors: bool):
+    # LAPACK's dstev directly: scipy's `eigh_tridiagonal` wrapper validates and dispatches on every call,
+    # which is half its cost at the sizes Lanczos sees (m ≲ 300). Falls back to it if dstev fails.
     d, e = np.array(alphas, dtype=np.float64), np.array(betas, dtype=np.float64)
     if len(d) > 1:
-        w, z, info = dstev(d, e, compute_v=1)
+        w, z, info = dstev(d, e, compute_v=int(vectors))
         if info == 0:
-            return w, z
-    return eigh_tridiagonal(d, e, check_finite=False)
+            return (w, z) if vectors else w
+    return eigh_tridiagonal(d, e, eigvals_only=not vectors, check_finite=False)
+
+
+def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending eigenvalues and eigenvectors of the symmetric tridiagonal (alphas, betas)."""
+    return _dstev(alphas, betas, True)
 
 
 def tridiagonal_eigvalsh(alphas, betas) -> np.ndarray:
-    """Ascending eigenvalues only of the symmetric tridiagonal (alphas, betas) (dstev without vectors)."""
-    d, e = np.array(alphas, dtype=np.float64), np.array(betas, dtype=np.float64)
-    if len(d) > 1:
-        w, _, info = dstev(d, e, compute_v=0)
-        if info == 0:
-            return w
-    return eigh_tridiagonal(d, e, eigvals_only=True, check_finite=False)
+    """Ascending eigenvalues only of the symmetric tridiagonal (alphas, betas)."""
+    return _dstev(alphas, betas, False)
 
 
 def _select(evals: np.ndarray, k: int, which: str) -> np.ndarray:
