@@ -272,6 +272,24 @@ def m6(problem, H):
 
 
 # -- M8 ------------------------------------------------------------------------------------------
+TRANSPORTS = {"channel": "", "ray": " Ray calls only"}  # setting suffix; the default (channel) has none
+
+
+def _over(pool, transport: str, product):
+    """``product(pool)`` with the pool's default transport, or with every call over Ray."""
+    if transport == "channel":
+        return lambda: product(pool)
+
+    def over_ray():
+        channel, pool.channel = pool.channel, None  # no channel: `_products` goes over Ray ...
+        use, pool.use_channel = pool.use_channel, False  # ... and does not open a new one
+        try:
+            return product(pool)
+        finally:
+            pool.channel, pool.use_channel = channel, use
+    return over_ray
+
+
 def m8(problem, matvecs):
     """1 vs 2 Ray actors (1 thread each) on all 1797 digits, eqlab's ShardedHessian."""
     os.environ["PYTHONPATH"] = str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -297,39 +315,47 @@ def m8(problem, matvecs):
     # single products instead leaves each pool idle while the other computes, and a Ray round trip after
     # idling costs ~1 ms more on this VM: COST.md.) Scheduling asks 0.5 CPU per actor so the three actors
     # fit the 2-CPU cluster; each still runs one thread, and only the pool being timed computes.
+    # Each pool is also timed with its products sent as plain Ray actor calls (`channel` off), on the same
+    # actors in the same alternation: what the same-node channel (pipeline/actor_channel.py) buys.
     pools, fns = {}, {}
     for w in (1, 2):
         pool = pools[w] = ShardedHessian(source, workers=w, dtype="float64", cpus_per_worker=0.5)
         pool.load(state)
+        if pool.channel is None:
+            NOTES.append(f"M8 {w} actor(s): no same-node channel, every product went over Ray")
         choice = ray.get(pool.actors[0].__ray_call__.remote(lambda a: (a.op.method, a.op.conv, a.op.timings)))
         NOTES.append(f"M8 {w} actor(s): actor 0 chose {choice[0]} with {choice[1]} convs; timings {choice[2]}")
-        row("M8_sharded_vs_single", problem.name, "eqlab", f"{w} actor(s) k=1", M.rel_err(pool.matvec(v), ref), "rel")
-        row("M8_sharded_vs_single", problem.name, "eqlab", f"{w} actor(s) k=4", M.rel_err(pool.matmat(V4), ref4), "rel")
-        fns[w, 1] = (lambda p: lambda: p.matvec(v))(pool)
-        fns[w, 4] = (lambda p: lambda: p.matmat(V4))(pool)
+        for t, label in TRANSPORTS.items():
+            fns[w, 1, t] = _over(pool, t, lambda p: p.matvec(v))
+            fns[w, 4, t] = _over(pool, t, lambda p: p.matmat(V4))
+            row("M8_sharded_vs_single", problem.name, "eqlab", f"{w} actor(s) k=1{label}", M.rel_err(fns[w, 1, t](), ref), "rel")
+            row("M8_sharded_vs_single", problem.name, "eqlab", f"{w} actor(s) k=4{label}", M.rel_err(fns[w, 4, t](), ref4), "rel")
     times = {}
     for k in (1, 4):
         per_block = 8 if k == 1 else 4
-        blocks = {w: [] for w in (1, 2)}
+        order = [(w, t) for w in (1, 2) for t in TRANSPORTS]
+        blocks = {c: [] for c in order}
         for b in range(matvecs + 1):
-            for w in ((1, 2) if b % 2 else (2, 1)):
+            for w, t in (order if b % 2 else order[::-1]):
                 t0 = time.perf_counter()
                 for _ in range(per_block):
-                    fns[w, k]()
+                    fns[w, k, t]()
                 if b:  # block 0 is the warm-up
-                    blocks[w].append((time.perf_counter() - t0) / per_block)
-        for w in (1, 2):
-            times[w, k] = M.med_min(blocks[w])
-            row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k} median", times[w, k][0], "s")
-            row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k} min", times[w, k][1], "s")
+                    blocks[w, t].append((time.perf_counter() - t0) / per_block)
+        for w, t in order:
+            times[w, k, t] = M.med_min(blocks[w, t])
+            row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k}{TRANSPORTS[t]} median", times[w, k, t][0], "s")
+            row("M8_matvec_time", problem.name, "eqlab", f"{w} actor(s) k={k}{TRANSPORTS[t]} min", times[w, k, t][1], "s")
     for pool in pools.values():
         pool.shutdown()
     for k in (1, 4):
-        row("M8_parallel_efficiency", problem.name, "eqlab", f"k={k} t1/(2 t2) medians",
-            times[1, k][0] / (2 * times[2, k][0]), "x")
-        row("M8_parallel_efficiency", problem.name, "eqlab", f"k={k} t1/(2 t2) minima",
-            times[1, k][1] / (2 * times[2, k][1]), "x")
-        row("M8_overhead", problem.name, "eqlab", f"k={k}", 1e3 * (times[2, k][0] - times[1, k][0] / 2), "ms")
+        for t, label in TRANSPORTS.items():
+            row("M8_parallel_efficiency", problem.name, "eqlab", f"k={k}{label} t1/(2 t2) medians",
+                times[1, k, t][0] / (2 * times[2, k, t][0]), "x")
+            row("M8_parallel_efficiency", problem.name, "eqlab", f"k={k}{label} t1/(2 t2) minima",
+                times[1, k, t][1] / (2 * times[2, k, t][1]), "x")
+            row("M8_overhead", problem.name, "eqlab", f"k={k}{label}",
+                1e3 * (times[2, k, t][0] - times[1, k, t][0] / 2), "ms")
     ray.shutdown()
 
 

@@ -11,6 +11,7 @@ continues with an unchanged operator.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ from analyses.curvature.operator import HessianOperator
 from analyses.curvature.params import ParamSpace
 from analyses.curvature.slq import slq
 from models import build_task
-from pipeline.allocator import keep_freed_memory
+from pipeline import actor_channel
+from pipeline.allocator import ONE_ARENA_ENV, keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -73,8 +75,18 @@ class HessianShardCore:
         self.names = names
         self.method = self.conv = "auto"
         self.op = None
+        self.lock = threading.Lock()  # products may arrive on the channel thread as well as from Ray
+
+    def open_channel(self) -> tuple[str, str | None]:
+        """(this actor's node id, path of a new same-node channel; None where sockets are missing)."""
+        node = ray.get_runtime_context().get_node_id()
+        return node, actor_channel.serve(self) if actor_channel.AVAILABLE else None
 
     def load(self, state: dict | None) -> int:
+        with self.lock:
+            return self._load(state)
+
+    def _load(self, state: dict | None) -> int:
         if state is not None:
             self.model.load_state_dict(state)
         if not self.batches:  # more workers than micro-batches: this shard contributes nothing
@@ -86,17 +98,19 @@ class HessianShardCore:
         return self.op.dim
 
     def sum_matvec(self, v: np.ndarray):
-        if self.op is None:
-            return np.zeros(len(v)), 0
-        hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
-        return hv.double().numpy(), n
+        with self.lock:
+            if self.op is None:
+                return np.zeros(len(v)), 0
+            hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
+            return hv.double().numpy(), n
 
     def sum_matmat(self, V: np.ndarray):
         """Σ n_b H_b V over this shard's micro-batches for V of shape (dim, k): k products, one call."""
-        if self.op is None:
-            return np.zeros(V.shape), 0
-        hv, n = self.op.sum_matmat(torch.as_tensor(np.array(V), dtype=self.dtype))
-        return hv.double().numpy(), n
+        with self.lock:
+            if self.op is None:
+                return np.zeros(V.shape), 0
+            hv, n = self.op.sum_matmat(torch.as_tensor(np.array(V), dtype=self.dtype))
+            return hv.double().numpy(), n
 
 
 HessianShard = ray.remote(HessianShardCore)
@@ -106,16 +120,19 @@ class ShardedHessian:
     """Driver side of the pool: a float64 matvec summed over all shards, with actor replacement."""
 
     def __init__(self, source, workers: int, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 names=None):
+                 names=None, channel: bool = True):
+        """``channel``: send products of at most CHANNEL_BYTES over a same-node socket beside Ray
+        (`pipeline.actor_channel`) when the driver shares a machine with every actor; Ray otherwise."""
         self.source, self.workers, self.dtype = source, workers, dtype
         self.cpus_per_worker, self.names = cpus_per_worker, names
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
         self.n_hvp = self.replaced = self.n_examples = 0
+        self.use_channel, self.channel = channel and actor_channel.AVAILABLE, None
 
     def _spawn(self, i: int):
         threads = max(1, int(self.cpus_per_worker))
-        return HessianShard.options(num_cpus=self.cpus_per_worker).remote(
+        return HessianShard.options(num_cpus=self.cpus_per_worker, runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
             self.source, i, self.workers, self.dtype, threads, self.names)
 
     def _call(self, method: str, *args):
@@ -145,9 +162,26 @@ class ShardedHessian:
         self.state = None if state is None else ray.put({k: v.cpu() for k, v in state.items()})
         dims = self._call("load", self.state)
         self.n_hvp = 0
+        if self.use_channel and self.channel is None:
+            self._open_channel()
         return dims[0]
 
+    def _open_channel(self) -> None:
+        """Connect to every actor over a same-node socket; stay on Ray if any actor is elsewhere."""
+        here = ray.get_runtime_context().get_node_id()
+        ends = ray.get([a.open_channel.remote() for a in self.actors])
+        if all(node == here and path for node, path in ends):
+            try:
+                self.channel = actor_channel.ChannelClient([path for _, path in ends])
+                return
+            except actor_channel.ChannelLost:
+                pass  # e.g. a Ray client driver: same node id, other file system
+        self.use_channel = False
+
     INLINE_BYTES = 100 * 1024  # Ray's own limit for arguments carried inside the task message
+    # Above this a product is long enough that Ray's ~1–2 ms per call no longer matters, and Ray's object
+    # store shares one copy of the vector among all actors instead of one socket copy per actor.
+    CHANNEL_BYTES = 4 * 2**20
 
     @classmethod
     def _argument(cls, x: np.ndarray):
@@ -155,34 +189,48 @@ class ShardedHessian:
         with 2 actors on 2 cores); large ones are put once and shared by every actor."""
         return x if x.nbytes <= cls.INLINE_BYTES else ray.put(x)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        ref = self._argument(v.detach().double().cpu().numpy())
-        parts = self._call("sum_matvec", ref)
+    def _products(self, method: str, x: np.ndarray) -> np.ndarray:
+        """Σ over actors of ``method``(x), divided by the total example count (float64)."""
+        parts = None
+        if self.channel is not None and x.nbytes <= self.CHANNEL_BYTES:
+            try:
+                parts = self.channel.call(method, x)
+            except actor_channel.ChannelLost:
+                # Every connection goes: a reply may still be in flight on the others. Ray redoes the
+                # product (replacing a dead actor or raising the actor's own error), then a new channel.
+                self.channel.close()
+                self.channel = None
+        if parts is None:
+            parts = self._call(method, self._argument(x))
+            if self.use_channel and self.channel is None:
+                self._open_channel()
         total = np.zeros_like(parts[0][0])
         for hv, _ in parts:
             total += hv
-        self.n_hvp += 1
         self.n_examples = sum(n for _, n in parts)
-        return torch.from_numpy(total / self.n_examples)
+        return total / self.n_examples
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        hv = self._products("sum_matvec", v.detach().double().cpu().numpy())
+        self.n_hvp += 1
+        return torch.from_numpy(hv)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H V for V of shape (dim, k): the k columns travel in one round trip per actor (SLQ probes,
         Hutch++ sketches, block Lanczos), and each actor batches them over its graphs (`sum_matmat`)."""
         if V.dim() != 2:
             raise ValueError(f"expected a (dim, k) matrix, got shape {tuple(V.shape)}")
-        ref = self._argument(V.detach().double().cpu().numpy())
-        parts = self._call("sum_matmat", ref)
-        total = np.zeros_like(parts[0][0])
-        for hv, _ in parts:
-            total += hv
+        hv = self._products("sum_matmat", V.detach().double().cpu().numpy())
         self.n_hvp += V.shape[1]
-        self.n_examples = sum(n for _, n in parts)
-        return torch.from_numpy(total / self.n_examples)
+        return torch.from_numpy(hv)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def shutdown(self):
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         for a in self.actors:
             ray.kill(a)
 

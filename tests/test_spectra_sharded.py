@@ -1,6 +1,9 @@
 """The Ray actor pool: sharded HVPs equal the single-process operator, Lanczos matches dense eigh,
 and a worker that dies mid-Lanczos is replaced without changing the result."""
+import os
+
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -77,8 +80,38 @@ def test_actor_killed_mid_lanczos_is_replaced_and_result_unchanged(ray_cluster):
         pool.matvec = killing_matvec
         crashed, _ = spectrum_rows(pool, state, top_k=3, tol=1e-10, max_iter=120)
         assert pool.replaced >= 1
+        assert pool.channel is not None  # the products went back to the same-node channel afterwards
         for a, b in zip(clean, crashed):
             assert abs(a["eigenvalue"] - b["eigenvalue"]) <= 1e-10 * abs(clean[0]["eigenvalue"])
+    finally:
+        pool.shutdown()
+
+
+def test_channel_products_equal_ray_products_and_actor_errors_surface_as_ray_errors(ray_cluster):
+    """The same-node channel is used on one machine, gives bit-identical products to plain Ray calls on
+    the same actors, and an error inside an actor is raised as Ray reports it (the product is redone
+    over Ray), after which the pool still works over a new channel."""
+    task, state = trained_state()
+    pool = ShardedHessian(SOURCE, workers=2, dtype="float64", cpus_per_worker=0.5)
+    try:
+        dim = pool.load(state)
+        assert pool.channel is not None
+        V = torch.randn(dim, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        over_channel = (pool.matvec(V[:, 0]), pool.matmat(V))
+        channel, pool.channel, pool.use_channel = pool.channel, None, False
+        over_ray = (pool.matvec(V[:, 0]), pool.matmat(V))
+        pool.channel, pool.use_channel = channel, True
+        assert all(torch.equal(a, b) for a, b in zip(over_channel, over_ray))
+        assert pool.n_examples == EXAMPLES
+
+        with pytest.raises(ray.exceptions.RayTaskError, match="size|shape|match"):
+            pool.matvec(torch.ones(dim + 1, dtype=torch.float64))  # a vector of the wrong length
+        assert pool.channel is None  # the failed channel is gone; the next Ray product opens a new one
+        assert torch.equal(pool.matvec(V[:, 0]), over_ray[0])
+        assert pool.channel is not None
+        assert torch.equal(pool.matvec(V[:, 0]), over_channel[0])
+        assert ray.get([a.__ray_call__.remote(lambda _: os.environ.get("MALLOC_ARENA_MAX")) for a in pool.actors]) \
+            == ["1", "1"]  # channel threads allocate from the main heap (pipeline/allocator.py)
     finally:
         pool.shutdown()
 
