@@ -102,7 +102,7 @@ class HessianShardCore:
             if self.op is None:
                 return np.zeros(len(v)), 0
             hv, n = self.op.sum_matvec(torch.as_tensor(np.array(v), dtype=self.dtype))
-            return hv.double().numpy(), n
+            return hv.double().cpu().numpy(), n
 
     def sum_matmat(self, V: np.ndarray):
         """Σ n_b H_b V over this shard's micro-batches for V of shape (dim, k): k products, one call."""
@@ -110,7 +110,7 @@ class HessianShardCore:
             if self.op is None:
                 return np.zeros(V.shape), 0
             hv, n = self.op.sum_matmat(torch.as_tensor(np.array(V), dtype=self.dtype))
-            return hv.double().numpy(), n
+            return hv.double().cpu().numpy(), n
 
 
 HessianShard = ray.remote(HessianShardCore)

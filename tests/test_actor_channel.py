@@ -10,9 +10,6 @@ import pytest
 
 from pipeline import actor_channel
 from pipeline.actor_channel import ChannelClient, ChannelLost, serve
-from pipeline.spectra import ShardedHessian
-
-CHANNEL_LIMIT = ShardedHessian.CHANNEL_BYTES  # the largest product the pool sends over the channel
 
 pytestmark = pytest.mark.skipif(not actor_channel.AVAILABLE, reason="no Unix sockets on this platform")
 
@@ -33,6 +30,8 @@ class Shard:
 
 
 def test_round_trip_is_exact_for_vectors_and_blocks_and_leaves_no_socket_file():
+    from pipeline.spectra import ShardedHessian  # (not at module level: the spawned server below stays light)
+
     paths = [serve(Shard(2.0, 7)), serve(Shard(-0.5, 3))]
     client = ChannelClient(paths)
     try:
@@ -48,7 +47,7 @@ def test_round_trip_is_exact_for_vectors_and_blocks_and_leaves_no_socket_file():
         assert np.array_equal(B, -0.5 * V + np.arange(4))
         # Larger than the sockets' buffers: partial reads and writes, and no deadlock while every server's
         # reply waits for the driver, which reads only after it has sent to all of them.
-        big = np.random.default_rng(2).standard_normal((CHANNEL_LIMIT // 8 // 4, 4))
+        big = np.random.default_rng(2).standard_normal((ShardedHessian.CHANNEL_BYTES // 8 // 4, 4))
         (A, _), (B, _) = client.call("sum_matmat", big)
         assert np.array_equal(A, 2.0 * big + np.arange(4)) and np.array_equal(B, -0.5 * big + np.arange(4))
     finally:
