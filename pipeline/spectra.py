@@ -168,8 +168,14 @@ class ShardedHessian:
 
     def _open_channel(self) -> None:
         """Connect to every actor over a same-node socket; stay on Ray if any actor is elsewhere."""
-        here = ray.get_runtime_context().get_node_id()
-        ends = ray.get([a.open_channel.remote() for a in self.actors])
+        try:
+            here = ray.get_runtime_context().get_node_id()
+            ends = ray.get([a.open_channel.remote() for a in self.actors])
+        except RayActorError:
+            return  # the next product goes over Ray, replaces the actor, and tries again
+        except Exception:  # noqa: BLE001  (e.g. a driver without a node of its own): Ray calls only
+            self.use_channel = False
+            return
         if all(node == here and path for node, path in ends):
             try:
                 self.channel = actor_channel.ChannelClient([path for _, path in ends])
