@@ -7,7 +7,9 @@ So the operator is the same for any number of workers (also with BatchNorm, whic
 micro-batch), and equals the single-process `HessianOperator` over the same list of micro-batches.
 
 An actor that dies is replaced (same shard, same weights) and its product recomputed, so Lanczos
-continues with an unchanged operator.
+continues with an unchanged operator. Products travel over a same-node socket beside Ray when the
+driver shares the machine with every actor (`pipeline.actor_channel`: ≈ 0.15 ms instead of ≈ 2 ms
+per call), and as Ray actor calls otherwise or after a failure.
 """
 from __future__ import annotations
 
