@@ -281,12 +281,8 @@ def _over(pool, transport: str, product):
         return lambda: product(pool)
 
     def over_ray():
-        channel, pool.channel = pool.channel, None  # no channel: `_products` goes over Ray ...
-        use, pool.use_channel = pool.use_channel, False  # ... and does not open a new one
-        try:
+        with pool.ray_calls_only():
             return product(pool)
-        finally:
-            pool.channel, pool.use_channel = channel, use
     return over_ray
 
 

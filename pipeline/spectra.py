@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,6 +232,16 @@ class ShardedHessian:
         hv = self._products("sum_matmat", V.detach().double().cpu().numpy())
         self.n_hvp += V.shape[1]
         return torch.from_numpy(hv)
+
+    @contextmanager
+    def ray_calls_only(self):
+        """Within the block every product is a plain Ray actor call (the channel stays open, unused):
+        for comparing the two transports on the same actors."""
+        channel, use, self.channel, self.use_channel = self.channel, self.use_channel, None, False
+        try:
+            yield self
+        finally:
+            self.channel, self.use_channel = channel, use
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)
