@@ -4,7 +4,7 @@ Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERS
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
 
 # Columns every row carries: the row key (study, run_id, step) and the schema version.
 _KEY = [
@@ -12,6 +12,9 @@ _KEY = [
     ("study", pa.string()),
     ("run_id", pa.string()),
     ("step", pa.int64()),
+    # sha256 (16 hex) of everything that produced the row: the run's configuration, the stage's settings and
+    # the checkpoint's weights. A rerun skips a key only when the stored hash equals the one it would write.
+    ("config_hash", pa.string()),
 ]
 
 TABLES: dict[str, pa.Schema] = {
@@ -28,6 +31,8 @@ TABLES: dict[str, pa.Schema] = {
         ("train_workers", pa.int64()),
         ("config_json", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),            # ok | diverged (a non-finite loss or weights during training)
+        ("diverged_at_step", pa.int64()),   # first step with a non-finite training loss; NULL when ok
     ]),
     "checkpoints": pa.schema(_KEY + [
         ("train_loss", pa.float64()),
@@ -93,6 +98,10 @@ TABLES: dict[str, pa.Schema] = {
         ("tolerance", pa.float64()),
         ("holds", pa.bool_()),
         ("hvps", pa.int64()),
+        # one verdict per row, computed once by analyses.identities: holds | violated for a symmetry,
+        # rejected | not_discriminating for a negative control (passes the check at this order and dtype)
+        ("verdict", pa.string()),
+        ("tolerance_reason", pa.string()),  # why the tolerance is that number (its rounding argument)
     ]),
     "conservation": pa.schema(_KEY + [  # the step after a checkpoint, replayed in float64
         ("transformation", pa.string()),

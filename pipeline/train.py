@@ -3,14 +3,21 @@
 Every rank draws the same seeded minibatch each step and keeps its own slice of it, so the DDP
 gradient is the full-minibatch gradient whatever the worker count. All ranks call `train.report` at
 every checkpoint step (it is a barrier); rank 0 attaches the checkpoint folder ``step=NNNNNN``.
+
+Resume: a run folder whose checkpoints all carry this run's training hash (and pass `checkpoint.verify`)
+is handed back to Ray Train, which restores its latest checkpoint, so a run killed mid-training goes on
+from there; a folder from another configuration is replaced. Divergence (a non-finite loss) ends the run
+at that step: it is reported, not checkpointed, and `train_run` returns it as ``diverged_at``.
 """
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +26,31 @@ from analyses.curvature import functional as F
 from models import build_task
 from models.losses import accuracy
 from pipeline import checkpoint as ckpt
+from pipeline.hashing import config_hash
 from pipeline.study import RunSpec
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+
+
+def train_hash(spec: RunSpec) -> str:
+    """Everything that determines the weights at every checkpoint."""
+    return config_hash("train", spec)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoints: dict[int, Path]       # step -> folder, for the checkpoints written (all, unless diverged)
+    diverged_at: int | None = None     # first step whose training loss (or weights) was not finite
+
+
+def _all_ranks_finite(value: float, world: int) -> bool:
+    """Whether every rank saw a finite loss (ranks must agree, or one would skip a report barrier)."""
+    ok = torch.tensor([1.0 if math.isfinite(value) else 0.0])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
 
 
 def make_optimizer(spec: RunSpec, params):
@@ -67,6 +98,8 @@ def train_loop(config: dict) -> None:
     start, restored = 0, ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
+            if ckpt.diverged_at(d) is not None:  # a rerun of a run that diverged: nothing more to train
+                return
             plain.load_state_dict(ckpt.load_state(d))
             opt.load_state_dict(ckpt.load_optimizer_state(d))
             start = ckpt.load_metrics(d)["step"]
@@ -76,9 +109,12 @@ def train_loop(config: dict) -> None:
     for step in range(start, spec.steps + 1):
         if step in checkpoints and not (restored is not None and step == start):
             metrics = {"step": step, **(evaluate(task, plain) if rank == 0 else {})}
+            finite = _all_ranks_finite(metrics.get("train_loss", 0.0) + metrics.get("param_norm", 0.0), world)
+            if not finite:  # diverged weights are not a checkpoint anyone should analyse
+                return _report_divergence(step, rank, config["train_hash"])
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    ckpt.save(d, plain, metrics, opt)
+                    ckpt.save(d, plain, metrics, opt, config_hash=config["train_hash"])
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                                      checkpoint_dir_name=ckpt.step_dir_name(step))
                 else:
@@ -89,8 +125,26 @@ def train_loop(config: dict) -> None:
         idx = minibatch_indices(len(y), spec.batch_size, spec.seed, step)[rank::world]
         model.train()
         opt.zero_grad(set_to_none=True)
-        task.loss(model(X[idx]), y[idx]).backward()
+        loss = task.loss(model(X[idx]), y[idx])
+        if not _all_ranks_finite(float(loss), world):
+            return _report_divergence(step, rank, config["train_hash"])
+        loss.backward()
         opt.step()
+
+
+def _report_divergence(step: int, rank: int, thash: str) -> None:
+    """Record divergence as Ray Train's latest checkpoint (its metrics are what the driver gets back, and
+    a rerun restores it instead of training into the same NaNs again)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {"step": step, "diverged_at": step}
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            ckpt.save_divergence(d, step, thash)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=ckpt.DIVERGED)
+        else:
+            ray.train.report(metrics)
 
 
 def _inject_failure(config: dict, step: int) -> None:
@@ -112,9 +166,46 @@ def _watch(run_dir: Path, spec: RunSpec, stop: threading.Event, log) -> None:
                     f"train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.3f}")
 
 
+def _prepare_run_dir(run_dir: Path, thash: str, log) -> None:
+    """Keep a run folder Ray Train can resume from; replace one it must not resume.
+
+    Kept: every checkpoint carries ``thash`` and is whole, and Ray's snapshot lists only those. A
+    checkpoint that is incomplete (an upload cut short) is removed if the snapshot does not list it.
+    Anything else (another configuration, a corrupt listed checkpoint, no snapshot) is removed whole:
+    training is deterministic from the seed, so it is simply redone. Callers hold the results lock.
+    """
+    if not run_dir.exists():
+        return
+    snapshot = run_dir / SNAPSHOT
+    listed = set()
+    try:
+        listed = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        snapshot = None
+    reason = None if snapshot else "no resumable Ray Train state"
+    incomplete = []
+    for d in sorted(run_dir.glob("step=*")) + sorted(run_dir.glob(ckpt.DIVERGED)):
+        why = ckpt.verify(d, thash)
+        if why is None:
+            continue
+        if why.startswith("it was trained with another") or d.name in listed:
+            reason = f"{d.name}: {why}"
+            break
+        incomplete.append(d)
+    if reason is None and not listed:
+        reason = "no checkpoint reported yet"
+    if reason:
+        log(f"[train] {run_dir.name}: starting over ({reason})")
+        shutil.rmtree(run_dir)
+        return
+    for d in incomplete:
+        shutil.rmtree(d)
+    log(f"[train] {run_dir.name}: resuming from the latest of {len(listed)} verified checkpoint(s)")
+
+
 def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print, max_failures: int = 3,
-              inject: dict | None = None) -> dict[int, Path]:
-    """Train one run on the connected Ray cluster; returns {step: checkpoint folder}.
+              inject: dict | None = None) -> TrainResult:
+    """Train one run on the connected Ray cluster; returns its checkpoints (and the step it diverged at).
     A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -123,12 +214,12 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
 
     storage = Path(storage).resolve()
     run_dir = storage / spec.run_id
-    # Training is deterministic from the seed, so an incomplete earlier attempt is simply redone;
-    # removing it also keeps Ray Train from treating the folder as a run to restore.
-    shutil.rmtree(run_dir, ignore_errors=True)
+    thash = train_hash(spec)
+    _prepare_run_dir(run_dir, thash, log)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker)), **(inject or {})},
+        train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker)), "train_hash": thash,
+                           **(inject or {})},
         scaling_config=ScalingConfig(num_workers=spec.train_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=spec.run_id, storage_path=str(storage),
@@ -149,9 +240,14 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
         watcher.join()
     if result.error:
         raise RuntimeError(f"training run {spec.run_id!r} failed: {result.error}")
-    steps = ckpt.list_steps(run_dir)
+    steps = {s: d for s, d in ckpt.list_steps(run_dir).items() if s in spec.checkpoint_steps}
+    diverged = (result.metrics or {}).get("diverged_at")
+    if diverged is not None:
+        log(f"[train] {spec.run_id}: DIVERGED at step {diverged} (non-finite loss); "
+            f"{len(steps)} checkpoint(s) before it kept")
+        return TrainResult(steps, int(diverged))
     missing = set(spec.checkpoint_steps) - set(steps)
     if missing:
         raise RuntimeError(f"training run {spec.run_id!r} is missing checkpoints {sorted(missing)}")
     log(f"[train] {spec.run_id}: done in {time.time() - t0:.1f}s")
-    return steps
+    return TrainResult(steps)

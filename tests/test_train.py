@@ -18,8 +18,8 @@ def test_two_ddp_workers_match_one_worker(ray_cluster, tmp_path):
     # gradients, which is the full-minibatch mean gradient. Without BatchNorm the runs must agree.
     # (SGD, not Adam: the key bias has an exactly zero gradient, and Adam's g/sqrt(v) turns the
     # all-reduce's rounding noise in it into O(lr) steps, so Adam runs agree only up to that.)
-    one = train_run(spec(1), tmp_path, cpus_per_worker=1.0, log=lambda *_: None)
-    two = train_run(spec(2), tmp_path, cpus_per_worker=1.0, log=lambda *_: None)
+    one = train_run(spec(1), tmp_path, cpus_per_worker=1.0, log=lambda *_: None).checkpoints
+    two = train_run(spec(2), tmp_path, cpus_per_worker=1.0, log=lambda *_: None).checkpoints
     assert sorted(one) == sorted(two) == [0, 3, 6]
     for step in (0, 3, 6):
         a, b = ckpt.load_state(one[step]), ckpt.load_state(two[step])
@@ -32,10 +32,10 @@ def test_two_ddp_workers_match_one_worker(ray_cluster, tmp_path):
 
 
 def test_crashed_worker_resumes_from_checkpoint_with_identical_result(ray_cluster, tmp_path):
-    clean = train_run(spec(1), tmp_path / "clean", log=lambda *_: None)
+    clean = train_run(spec(1), tmp_path / "clean", log=lambda *_: None).checkpoints
     marker = tmp_path / "crashed-once"
     crashed = train_run(spec(1), tmp_path / "crash", log=lambda *_: None,
-                        inject={"fail_once_at": 4, "fail_marker": str(marker)})
+                        inject={"fail_once_at": 4, "fail_marker": str(marker)}).checkpoints
     assert marker.exists()  # the worker really died (after the step-3 checkpoint) and was restarted
     for step in (0, 3, 6):
         a, b = ckpt.load_state(clean[step]), ckpt.load_state(crashed[step])

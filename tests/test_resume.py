@@ -1,0 +1,186 @@
+"""Resume that checks what it resumes: config-hash keys, verified skips, the results lock, divergence,
+and a study SIGKILLed mid-training that goes on from its last checkpoint (not step 0)."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import checkpoint as ckpt
+from pipeline import store
+from pipeline.lock import ResultsInUse, results_lock
+from pipeline.query import run_query
+from pipeline.runner import run_study
+from pipeline.study import parse_study
+
+TINY = {
+    "study": {"name": "resume", "seed": 0},
+    "ray": {"num_cpus": 2},
+    "spectra": {"top_k": 2, "tol": 1e-6, "max_iter": 40, "workers": 1, "examples": 64, "microbatch": 64,
+                "dtype": "float64", "block_top_k": 0, "density_probes": 1, "density_steps": 8},
+    "identities": {"dtypes": ["float64"], "examples": 32, "probes": 1},
+    "runs": [{"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 2], "hidden": 4, "bn_eps": 1e-12},
+              "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "steps": 6, "checkpoint_steps": [0, 3, 6]}],
+}
+TABLES = ["runs", "checkpoints", "spectra", "lanczos", "densities", "identities", "conservation"]
+
+
+def study_with(**run):
+    d = copy.deepcopy(TINY)
+    d["runs"][0].update(run)
+    return parse_study(d)
+
+
+def snapshot(results):
+    """Every table's rows, keyed and sorted, without wall-clock columns."""
+    out = {}
+    for t in TABLES:
+        rows = store.read_table(results, t).drop_columns(
+            [c for c in ("seconds", "created_at", "checkpoint_uri") if c in store.read_table(results, t).column_names])
+        out[t] = sorted(map(repr, rows.to_pylist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tmp_path_factory):
+    results = tmp_path_factory.mktemp("base")
+    run_study(study_with(), results, log=lambda *_: None)
+    return results, snapshot(results)
+
+
+def test_rerun_of_a_finished_study_recomputes_nothing(baseline, tmp_path):
+    results, before = baseline
+    logs = []
+    run_study(study_with(), results, log=logs.append)
+    assert any("present and verified, skipping" in line for line in logs)
+    assert not any("HVPs" in line for line in logs), "a finished stage was recomputed"
+    assert snapshot(results) == before
+
+
+def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
+    results = tmp_path / "r"
+    run_study(study_with(), results, log=lambda *_: None)
+    run_study(study_with(lr=0.05), results, log=lambda *_: None)
+    _, hashes = run_query(results, "select distinct config_hash from checkpoints")
+    assert len(hashes) == 3  # one per checkpoint, none left from lr = 0.1
+    after = snapshot(results)
+    for t in TABLES:
+        assert len(after[t]) == len(baseline[1][t]), t  # same keys, nothing duplicated
+    # step 0 is before any step: identical weights; later checkpoints (and everything derived) changed
+    _, rows = run_query(results, "select step, train_loss from checkpoints order by step")
+    _, old = run_query(baseline[0], "select step, train_loss from checkpoints order by step")
+    assert rows[0] == old[0] and rows[1][1] != old[1][1] and rows[2][1] != old[2][1]
+    _, [(lr,)] = run_query(results, "select lr from runs")
+    assert lr == 0.05
+
+
+def test_edited_schedule_leaves_no_rows_of_dropped_steps(baseline, tmp_path):
+    results = tmp_path / "r"
+    run_study(study_with(), results, log=lambda *_: None)
+    run_study(study_with(checkpoint_steps=[0, 6]), results, log=lambda *_: None)
+    for t in ("checkpoints", "spectra", "identities", "conservation"):
+        _, rows = run_query(results, f"select distinct step from {t} order by step")
+        assert [r[0] for r in rows] == ([0] if t == "conservation" else [0, 6]), t
+
+
+def test_truncated_parquet_is_moved_aside_and_recomputed(baseline, tmp_path):
+    import shutil
+
+    results = tmp_path / "r"
+    shutil.copytree(baseline[0], results)
+    victim = store.table_files(results, "spectra")[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    logs = []
+    run_study(study_with(), results, log=logs.append)
+    assert any("unreadable" in line for line in logs)
+    assert list(victim.parent.glob(victim.name + ".corrupt-*"))  # kept for inspection, not deleted
+    pq.read_table(victim)  # rewritten whole
+    assert snapshot(results)["spectra"] == baseline[1]["spectra"]
+
+
+def test_truncated_weights_are_detected_and_retrained(baseline, tmp_path):
+    import shutil
+
+    results = tmp_path / "r"
+    shutil.copytree(baseline[0], results)
+    weights = results / "checkpoints" / "cnn" / "step=000003" / ckpt.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    logs = []
+    run_study(study_with(), results, log=logs.append)
+    assert any("starting over" in line and "manifest digest" in line for line in logs)
+    assert ckpt.verify(weights.parent, ckpt.manifest(weights.parent)["config_hash"]) is None
+    # training is deterministic: the same weights again, so no derived row needed recomputing
+    assert snapshot(results) == baseline[1]
+
+
+def test_second_process_on_one_results_folder_is_refused(tmp_path):
+    with results_lock(tmp_path):
+        with pytest.raises(ResultsInUse, match="in use by another eqlab process"):
+            with results_lock(tmp_path):
+                pass
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--results", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "in use by another eqlab process" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    with results_lock(tmp_path):  # released when its holder leaves
+        pass
+
+
+def test_diverged_run_is_recorded_and_the_study_goes_on(ray_cluster, tmp_path):
+    d = copy.deepcopy(TINY)
+    d["runs"][0].update(lr=1e20)
+    d["runs"].append({**TINY["runs"][0], "name": "ok"})
+    study = parse_study(d)
+    logs = []
+    summary = run_study(study, tmp_path, log=logs.append)
+    _, rows = run_query(tmp_path, "select run_id, status, diverged_at_step from runs order by run_id")
+    assert rows[0][0] == "cnn" and rows[0][1] == "diverged" and rows[0][2] is not None
+    assert rows[1] == ("ok", "ok", None)
+    at = rows[0][2]
+    _, steps = run_query(tmp_path, "select distinct step from spectra where run_id = 'cnn'")
+    assert steps and all(s < at for (s,) in steps)  # analysed only before it diverged
+    _, [(n,)] = run_query(tmp_path, "select count(*) from spectra where run_id = 'ok'")
+    assert n > 0
+    assert summary[0].diverged_at == at
+    again = []
+    run_study(study, tmp_path, log=again.append)  # a rerun neither retrains nor crashes
+    assert any("[train] cnn: all" in line for line in again)
+
+
+_DRIVER = """
+import sys, copy
+sys.path.insert(0, {tests!r})
+from test_resume import study_with
+from pipeline.runner import run_study
+run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), {results!r}, log=print)
+"""
+
+
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+    results = tmp_path / "r"
+    code = _DRIVER.format(tests=str(Path(__file__).parent), results=str(results))
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step5 = results / "checkpoints" / "cnn" / "step=000005" / ckpt.MANIFEST
+    snap = results / "checkpoints" / "cnn" / "checkpoint_manager_snapshot.json"
+    try:
+        deadline = time.time() + 240
+        while not (step5.exists() and snap.exists() and "step=000005" in snap.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "the study ended before step 5's checkpoint"
+            time.sleep(0.2)
+        assert not (results / "checkpoints" / "cnn" / "step=002000").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
+        proc.wait()
+    logs = []
+    run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), results, log=logs.append)
+    assert any("resuming from the latest" in line for line in logs), logs
+    clean = tmp_path / "clean"
+    run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), clean, log=lambda *_: None)
+    assert snapshot(results) == snapshot(clean)
