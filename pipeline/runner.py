@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -237,14 +238,20 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         log(f"[ray] cluster ready: {resources.get('CPU', 0):g} CPUs ({time.time() - t0:.1f}s)")
         for i, spec in enumerate(study.runs, 1):
             log(f"== run {i}/{len(study.runs)}: {spec.run_id}")
-            ck = _stage_train(study, spec, results, log)
-            if ck.diverged_at is not None:
-                log(f"[{spec.run_id}] diverged at step {ck.diverged_at}: later stages run only on the "
-                    f"{len(ck.steps)} checkpoint(s) before it")
-            _stage_spectra(study, spec, ck, results, log)
-            _stage_block_spectra(study, spec, ck, results, log)
-            _stage_identities(study, spec, ck, results, log)
-            _stage_conservation(study, spec, ck, results, log)
+            stage = "training"
+            try:
+                ck = _stage_train(study, spec, results, log)
+                if ck.diverged_at is not None:
+                    log(f"[{spec.run_id}] diverged at step {ck.diverged_at}: later stages run only on the "
+                        f"{len(ck.steps)} checkpoint(s) before it")
+                for stage, fn in (("spectra", _stage_spectra), ("block spectra", _stage_block_spectra),
+                                  ("identity checks", _stage_identities), ("conservation", _stage_conservation)):
+                    fn(study, spec, ck, results, log)
+            except KeyboardInterrupt:
+                # Rows are written whole or not at all (store.write_rows), so nothing is half-written.
+                print(f"eqlab: interrupted during {stage} of run {spec.run_id!r}; every finished checkpoint "
+                      f"and row is kept in {results}", file=sys.stderr)
+                raise
         log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
         return summarize(results, study)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -203,12 +204,37 @@ def _prepare_run_dir(run_dir: Path, thash: str, log) -> None:
     log(f"[train] {run_dir.name}: resuming from the latest of {len(listed)} verified checkpoint(s)")
 
 
+def _interruptible(base):
+    """TorchTrainer whose Ctrl-C aborts the run and then raises KeyboardInterrupt in the driver.
+
+    Ray Train's own handler (2.60) aborts the controller and lets `fit` return as if it had finished,
+    or exits 0; and it stays installed after `fit`, swallowing every later Ctrl-C of the study. Here
+    the first Ctrl-C asks the controller to abort (its checkpoints so far are kept, whole), a second
+    one raises at once, and `train_run` restores the previous handler and re-raises after `fit`."""
+
+    class Interruptible(base):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller):
+            def handler(signum, frame):
+                if self.interrupted:
+                    raise KeyboardInterrupt("training (second Ctrl-C)")
+                self.interrupted = True
+                controller.abort.remote()  # no wait here: fit returns once the workers stopped
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Interruptible
+
+
 def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print, max_failures: int = 3,
               inject: dict | None = None) -> TrainResult:
     """Train one run on the connected Ray cluster; returns its checkpoints (and the step it diverged at).
     A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchTrainer as RayTorchTrainer
+
+    TorchTrainer = _interruptible(RayTorchTrainer)
 
     from pipeline.env import worker_env
 
@@ -233,11 +259,19 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     log(f"[train] {spec.run_id}: {spec.family}, {spec.optimizer} lr={spec.lr}, {spec.steps} steps on "
         f"{spec.train_workers} Ray Train worker(s); checkpoints at {list(spec.checkpoint_steps)}")
     watcher.start()
+    previous = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
+    except Exception:
+        if trainer.interrupted:  # a terminal's Ctrl-C reaches Ray's processes too: its controller may die of it
+            raise KeyboardInterrupt(f"training of run {spec.run_id!r}") from None
+        raise
     finally:
+        signal.signal(signal.SIGINT, previous)  # Ray Train leaves its own handler installed after fit
         stop.set()
         watcher.join()
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training of run {spec.run_id!r}")
     if result.error:
         raise RuntimeError(f"training run {spec.run_id!r} failed: {result.error}")
     steps = {s: d for s, d in ckpt.list_steps(run_dir).items() if s in spec.checkpoint_steps}

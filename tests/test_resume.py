@@ -184,3 +184,61 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(ray_cluster, t
     clean = tmp_path / "clean"
     run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), clean, log=lambda *_: None)
     assert snapshot(results) == snapshot(clean)
+
+
+def _interrupt_when(results, ready, tmp_path, tag):
+    """Start the tiny study in its own process group, Ctrl-C the group (as a terminal does) once
+    ``ready()`` holds, and return (exit status, stderr, seconds from Ctrl-C to exit)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
+    proc = subprocess.Popen(cmd, start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        err = proc.communicate(timeout=60)[1]
+        return proc.returncode, err, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _write_study(path, **run):
+    import json
+
+    d = copy.deepcopy(TINY)
+    d["runs"][0].update(run)
+    lines = []
+    for section in ("study", "ray", "spectra", "identities"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in d[section].items()]
+    for r in d["runs"]:
+        lines.append("[[runs]]")
+        lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else
+                  f"{k} = {{ {', '.join(f'{a} = {json.dumps(b)}' for a, b in v.items())} }}" for k, v in r.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("stage", ["training", "spectra"])
+def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
+    results = tmp_path / "r"
+    run = {"steps": 2000, "checkpoint_steps": [0, 5, 2000], "batch_size": 256}
+    _write_study(tmp_path / f"{stage}.toml", **run)
+    if stage == "training":
+        ready = lambda: (results / "checkpoints" / "cnn" / "step=000005" / ckpt.MANIFEST).exists()
+    else:
+        ready = lambda: len(store.table_files(results, "spectra")) >= 1
+    rc, err, seconds = _interrupt_when(results, ready, tmp_path, stage)
+    assert rc == 130, err
+    assert f"interrupted during {stage} of run 'cnn'" in err and "Traceback" not in err, err
+    assert not list(results.rglob("*.tmp")), "a half-written file was left"
+    logs = []
+    run_study(study_with(**run), results, log=logs.append)  # resumes (the lock was released)
+    if stage == "training":
+        assert any("resuming from the latest" in line for line in logs), logs
+    else:
+        assert any("[train] cnn: all 3 checkpoints present" in line for line in logs), logs
