@@ -186,9 +186,9 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(ray_cluster, t
     assert snapshot(results) == snapshot(clean)
 
 
-def _interrupt_when(results, ready, tmp_path, tag):
-    """Start the tiny study in its own process group, Ctrl-C the group (as a terminal does) once
-    ``ready()`` holds, and return (exit status, stderr, seconds from Ctrl-C to exit)."""
+def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT):
+    """Start the tiny study in its own process group, signal the group (SIGINT: as a terminal's Ctrl-C)
+    once ``ready()`` holds, and return (exit status, stderr, seconds from the signal to exit)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
     proc = subprocess.Popen(cmd, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -197,7 +197,7 @@ def _interrupt_when(results, ready, tmp_path, tag):
         while not ready():
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         t0 = time.time()
         err = proc.communicate(timeout=60)[1]
         return proc.returncode, err, time.time() - t0
@@ -242,3 +242,16 @@ def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
         assert any("resuming from the latest" in line for line in logs), logs
     else:
         assert any("[train] cnn: all 3 checkpoints present" in line for line in logs), logs
+
+
+def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tmp_path):
+    results = tmp_path / "r"
+    _write_study(tmp_path / "kill.toml")
+    rc, _, _ = _interrupt_when(results, lambda: len(store.table_files(results, "spectra")) >= 1, tmp_path, "kill",
+                               sig=signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    logs = []
+    run_study(study_with(), results, log=logs.append)
+    assert any("[train] cnn: all 3 checkpoints present" in line for line in logs)
+    assert sum("[spectra] cnn: step" in line for line in logs) <= 2  # the finished checkpoint is not redone
+    assert snapshot(results) == baseline[1]
