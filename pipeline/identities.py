@@ -7,6 +7,9 @@ controls (declared transformations that are not symmetries) are recorded with ``
 """
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
 from analyses.discover import discover, negative_controls
@@ -22,7 +25,16 @@ def _cast(batch, dtype):
     return (X.to(dtype) if X.is_floating_point() else X), y
 
 
-def identity_rows(spec: dict, checkpoint_dir: str, identities: dict) -> list[dict]:
+def _kill_once(marker: str | None) -> None:
+    """Fault injection for tests: SIGKILL this task's worker process the first time (a marker records it);
+    Ray reruns the task on a fresh worker."""
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def identity_rows(spec: dict, checkpoint_dir: str, identities: dict, kill_marker: str | None = None) -> list[dict]:
+    _kill_once(kill_marker)
     torch.set_num_threads(1)
     task = build_task(spec["family"], spec["model"], seed=spec["seed"], dtype=torch.float64)
     task.model.load_state_dict(ckpt.load_state(checkpoint_dir))

@@ -188,7 +188,7 @@ def _stage_block_spectra(study: Study, spec: RunSpec, ck: Checkpoints, results: 
         pool.shutdown()
 
 
-def _stage_identities(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log) -> None:
+def _stage_identities(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log, inject=None) -> None:
     steps = ck.steps
     key = {s: _stage_key(ck, s, "identities", study.identities) for s in steps}
     todo = [s for s in steps if not store.has_rows(results, "identities", spec.run_id, s, key[s], log)]
@@ -197,7 +197,8 @@ def _stage_identities(study: Study, spec: RunSpec, ck: Checkpoints, results: Pat
         return
     remote = ray.remote(num_cpus=1)(identity_rows)
     ident = asdict(study.identities)
-    pending = {remote.remote(asdict(spec), str(steps[s]), ident): s for s in todo}
+    marker = (inject or {}).get("kill_identity_task_once")
+    pending = {remote.remote(asdict(spec), str(steps[s]), ident, marker): s for s in todo}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         s = pending.pop(ready[0])
@@ -229,7 +230,8 @@ def _stage_conservation(study: Study, spec: RunSpec, ck: Checkpoints, results: P
 
 
 def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
-              log=print) -> list[RunSummary]:
+              log=print, inject: dict | None = None) -> list[RunSummary]:
+    """Run (or resume) a study into ``results``; ``inject`` is for fault-injection tests only."""
     results = Path(results).resolve()
     with results_lock(results):
         t0 = time.time()
@@ -244,9 +246,14 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
                 if ck.diverged_at is not None:
                     log(f"[{spec.run_id}] diverged at step {ck.diverged_at}: later stages run only on the "
                         f"{len(ck.steps)} checkpoint(s) before it")
-                for stage, fn in (("spectra", _stage_spectra), ("block spectra", _stage_block_spectra),
-                                  ("identity checks", _stage_identities), ("conservation", _stage_conservation)):
-                    fn(study, spec, ck, results, log)
+                stage = "spectra"
+                _stage_spectra(study, spec, ck, results, log)
+                stage = "block spectra"
+                _stage_block_spectra(study, spec, ck, results, log)
+                stage = "identity checks"
+                _stage_identities(study, spec, ck, results, log, inject)
+                stage = "conservation"
+                _stage_conservation(study, spec, ck, results, log)
             except KeyboardInterrupt:
                 # Rows are written whole or not at all (store.write_rows), so nothing is half-written.
                 print(f"eqlab: interrupted during {stage} of run {spec.run_id!r}; every finished checkpoint "

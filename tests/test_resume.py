@@ -255,3 +255,11 @@ def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tm
     assert any("[train] cnn: all 3 checkpoints present" in line for line in logs)
     assert sum("[spectra] cnn: step" in line for line in logs) <= 2  # the finished checkpoint is not redone
     assert snapshot(results) == baseline[1]
+
+
+def test_sigkilled_identity_task_is_rerun_and_tables_unchanged(baseline, tmp_path):
+    marker = tmp_path / "killed"
+    results = tmp_path / "r"
+    run_study(study_with(), results, log=lambda *_: None, inject={"kill_identity_task_once": str(marker)})
+    assert marker.exists()  # a worker really died of SIGKILL mid-stage
+    assert snapshot(results) == baseline[1]
