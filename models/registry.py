@@ -1,15 +1,25 @@
-"""Model families by name: how to build the network, its loss, and its data."""
+"""Model families by name: how to build the network, its loss, and its data.
+
+Importing this module does not import torch or transformers: each family names its builders by module
+path (imported on first use) and declares its options as plain-Python checks, so a study file can be
+validated — option names *and* values, and the parameter count — before any heavy import.
+"""
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Callable
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-import torch
+MAX_PARAMS = 100_000_000  # a study's model must fit beside its Lanczos basis on one machine
 
-from models import losses
-from models.digits_cnn import DigitsCNN, digits_data
-from models.modadd_gpt2 import modadd_data, modadd_gpt2
+
+class OptionError(ValueError):
+    """A bad model option: ``key`` is the option's name, the message says what is wrong."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -17,34 +27,177 @@ class Task:
     """A model with its loss and its fixed train/test batches: everything a study needs of a family."""
 
     family: str
-    model: torch.nn.Module
+    model: Any      # torch.nn.Module
     loss: Callable  # (outputs, targets) -> scalar mean loss
     train: tuple    # (inputs, targets)
     test: tuple
 
 
 @dataclass(frozen=True)
-class Family:
-    build_model: Callable
-    build_data: Callable
-    loss: Callable
-    data_options: tuple[str, ...]  # options shared with the data builder (e.g. the modulus p)
+class Option:
+    """One model option's type and range. ``kind``: int, float, str, bool or int_list."""
 
+    kind: str
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False       # floats: strictly > 0
+    choices: tuple = ()
+    length: int | None = None    # int_list: exact length
+    why: str = ""                # appended to a range error, e.g. "the digits have 10 classes"
+
+    def check(self, value) -> str | None:
+        """None if ``value`` is acceptable, else what is wrong with it."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        if self.kind == "str":
+            if not isinstance(value, str):
+                return f"expected a string, got {value!r}"
+            if self.choices and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)} (got {value!r})"
+            return None
+        if self.kind == "int_list":
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+                return f"expected a list of integers, got {value!r}"
+            if self.length is not None and len(value) != self.length:
+                return f"expected a list of {self.length} integers, got {len(value)} ({value!r})"
+            for j, v in enumerate(value):
+                bad = self._range(v)
+                if bad:
+                    return f"[{j}] {bad}"
+            return None
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"expected an integer, got {value!r}"
+            return self._range(value)
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"expected a finite number, got {value!r}"
+            if self.positive and value <= 0:
+                return f"must be > 0 (got {value})" + (f": {self.why}" if self.why else "")
+            return self._range(value)
+        raise AssertionError(self.kind)
+
+    def _range(self, v) -> str | None:
+        why = f": {self.why}" if self.why else ""
+        if self.minimum is not None and v < self.minimum:
+            return f"must be >= {self.minimum:g} (got {v}){why}"
+        if self.maximum is not None and v > self.maximum:
+            return f"must be <= {self.maximum:g} (got {v}){why}"
+        return None
+
+
+def _lazy(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_path: str   # "module:callable" building the network from the options
+    data_path: str    # "module:callable" building (train, test) from seed, dtype and data_options
+    loss_path: str    # "module:callable" (outputs, targets) -> scalar
+    data_options: tuple[str, ...]  # options shared with the data builder (e.g. the modulus p)
+    options: dict[str, Option] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # the builder's defaults (for cross checks)
+    n_params: Callable[[dict], int] | None = None  # trainable parameters for the given options
+    cross_check: Callable[[dict], OptionError | None] | None = None
+
+    @property
+    def build_model(self) -> Callable:
+        return _lazy(self.model_path)
+
+    @property
+    def build_data(self) -> Callable:
+        return _lazy(self.data_path)
+
+    @property
+    def loss(self) -> Callable:
+        return _lazy(self.loss_path)
+
+
+def _cnn_params(o: dict) -> int:
+    c1, c2 = o["channels"]
+    h, k = o["hidden"], o["classes"]
+    return (9 * c1 + c1) + 2 * c1 + (9 * c1 * c2 + c2) + 2 * c2 + (16 * c2 * h + h) + (h * k + k)
+
+
+def _gpt2_params(o: dict) -> int:
+    v, e, n = o["p"] + 1, o["n_embd"], o["n_layer"]
+    block = 2 * e + (3 * e * e + 3 * e) + (e * e + e) + 2 * e + (4 * e * e + 4 * e) + (4 * e * e + e)
+    head = 0 if o["tie_word_embeddings"] else v * e  # a tied unembedding is the token embedding
+    return v * e + 3 * e + n * block + 2 * e + head
+
+
+def _gpt2_cross(o: dict) -> OptionError | None:
+    if o["n_embd"] % o["n_head"]:
+        return OptionError("n_head", f"must divide n_embd = {o['n_embd']} (got {o['n_head']})")
+    return None
+
+
+# Activations of transformers' ACT2FN without parameters of their own (checked against it in the tests).
+GPT2_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "quick_gelu",
+                    "silu", "swish", "tanh", "sigmoid", "mish", "relu2", "relu6", "leaky_relu", "linear")
 
 FAMILIES: dict[str, Family] = {
-    "digits_cnn": Family(DigitsCNN, digits_data, losses.cross_entropy, ()),
-    "modadd_gpt2": Family(modadd_gpt2, modadd_data, losses.last_token_cross_entropy, ("p",)),
+    "digits_cnn": Family(
+        "models.digits_cnn:DigitsCNN", "models.digits_cnn:digits_data", "models.losses:cross_entropy", (),
+        options={"channels": Option("int_list", minimum=1, maximum=4096, length=2),
+                 "hidden": Option("int", minimum=1, maximum=1_000_000),
+                 "classes": Option("int", minimum=10, maximum=1_000_000, why="the digits have 10 classes"),
+                 # torch rejects eps <= 0 for BatchNorm in training mode; 1e-12 is the exact-symmetry limit
+                 "bn_eps": Option("float", positive=True, maximum=1e6,
+                                  why="BatchNorm needs eps > 0 in training mode (use 1e-12 for the exact limit)"),
+                 "activation": Option("str", choices=("relu", "gelu", "tanh"))},
+        defaults={"channels": [8, 16], "hidden": 32, "classes": 10, "bn_eps": 1e-5, "activation": "relu"},
+        n_params=_cnn_params),
+    "modadd_gpt2": Family(
+        "models.modadd_gpt2:modadd_gpt2", "models.modadd_gpt2:modadd_data", "models.losses:last_token_cross_entropy",
+        ("p",),
+        options={"p": Option("int", minimum=2, maximum=10_000),
+                 "n_embd": Option("int", minimum=1, maximum=16_384),
+                 "n_layer": Option("int", minimum=1, maximum=256),
+                 "n_head": Option("int", minimum=1, maximum=1024),
+                 "activation": Option("str", choices=GPT2_ACTIVATIONS),
+                 "layer_norm_epsilon": Option("float", minimum=0, maximum=1e6),
+                 "tie_word_embeddings": Option("bool")},
+        defaults={"p": 13, "n_embd": 32, "n_layer": 1, "n_head": 2, "activation": "relu",
+                  "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False},
+        n_params=_gpt2_params, cross_check=_gpt2_cross),
 }
 
 
 def model_options(family: str) -> set[str]:
     """The keyword options a family's model builder accepts (used to validate study files)."""
-    return set(inspect.signature(FAMILIES[family].build_model).parameters)
+    return set(FAMILIES[family].options)
 
 
-def build_task(family: str, options: dict | None = None, seed: int = 0, dtype=torch.float32) -> Task:
+def validate_options(family: str, options: dict) -> int:
+    """Check every option's name and value; returns the model's trainable parameter count.
+    Raises `OptionError` naming the first bad option. Plain Python: nothing is built or imported."""
+    fam = FAMILIES[family]
+    for key in sorted(options):
+        if key not in fam.options:
+            raise OptionError(key, f"not an option of family {family!r} (options: {', '.join(sorted(fam.options))})")
+        bad = fam.options[key].check(options[key])
+        if bad:
+            raise OptionError(key, bad)
+    full = {**fam.defaults, **options}
+    if fam.cross_check:
+        err = fam.cross_check(full)
+        if err:
+            raise err
+    n = fam.n_params(full) if fam.n_params else 0
+    if n > MAX_PARAMS:
+        raise OptionError("", f"these options give {n:,} parameters, more than eqlab's limit of {MAX_PARAMS:,}")
+    return n
+
+
+def build_task(family: str, options: dict | None = None, seed: int = 0, dtype=None) -> Task:
+    import torch
+
     if family not in FAMILIES:
         raise KeyError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    dtype = torch.float32 if dtype is None else dtype
     fam, options = FAMILIES[family], dict(options or {})
     torch.manual_seed(seed)
     model = fam.build_model(**options).to(dtype)

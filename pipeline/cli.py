@@ -2,17 +2,84 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
+# Nothing heavy at import: torch, Ray and transformers load inside the commands, after the validation
+# that needs none of them (a malformed study file or flag is answered in a fraction of a second).
+
+MAX_WORKERS = 256
+
+
+class UsageError(ValueError):
+    """A malformed command line (argparse's complaints included); the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, `eqlab: error: ...`, exit 2 (not argparse's usage block)
+        raise UsageError(" ".join(message.split()))
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo} (got {v})")
+        return v
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return v
+
+
+def _check_writable(results: Path, flag: str = "--results") -> None:
+    """Fail now, before any work, if ``results`` cannot become or be a writable folder; creates nothing."""
+    if results.exists():
+        if not results.is_dir():
+            raise UsageError(f"{flag} {results}: is a file, not a folder")
+        target = results
+    else:
+        target = results.absolute().parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise UsageError(f"{flag} {results}: {target} is a file, not a folder")
+    try:
+        read_only_fs = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only_fs = False
+    if read_only_fs or not os.access(target, os.W_OK | os.X_OK):
+        what = "read-only" + (" file system" if read_only_fs else "")
+        raise UsageError(f"{flag} {results}: cannot write there ({target} is {what})")
+
 
 def _run(args) -> int:
-    from pipeline.study import load_study
+    from pipeline.study import check_local, load_study
 
-    study = load_study(args.study)  # validates before anything starts or is written
+    study = load_study(args.study)  # validates before anything starts or is written (no torch, no Ray)
+    if not args.address:
+        check_local(study)  # the embedded cluster runs on this machine
+    results = Path(args.results) if args.results else Path("results") / study.name
+    _check_writable(results)
+    from pipeline.cluster import connect
+
+    connect(study.num_cpus, address=args.address, dashboard=args.dashboard)  # fails before anything is written
     from pipeline.runner import print_summary, run_study
 
-    results = Path(args.results) if args.results else Path("results") / study.name
     summary = run_study(study, results, address=args.address, dashboard=args.dashboard)
     print_summary(summary)
     print(f"\nresults: {results}   (try: eqlab query --results {results} \"select * from spectra limit 5\")")
@@ -20,7 +87,7 @@ def _run(args) -> int:
 
 
 def _query(args) -> int:
-    from pipeline import query as q
+    from pipeline import query as q  # duckdb (and pyarrow for the table names) only
 
     results = Path(args.results) if args.results else Path("results") / "default"
     columns, rows = q.run_query(results, args.sql)
@@ -31,12 +98,15 @@ def _query(args) -> int:
 
 
 def _inspect(args) -> int:
-    from pipeline import inspect_cmd as ic
-
     from pipeline.userfunc import parse_overrides
 
-    rows = ic.inspect_model(args.model, examples=args.examples, overrides=parse_overrides(args.config))
-    path = ic.write_inspection(rows, Path(args.results), args.model)
+    overrides = parse_overrides(args.config)
+    results = Path(args.results)
+    _check_writable(results)
+    from pipeline import inspect_cmd as ic
+
+    rows = ic.inspect_model(args.model, examples=args.examples, overrides=overrides)
+    path = ic.write_inspection(rows, results, args.model)
     if args.json:
         print(ic.to_json(rows))
     else:
@@ -45,33 +115,77 @@ def _inspect(args) -> int:
     return 0
 
 
+def _check_spectrum_model(args, overrides) -> None:
+    """Load the user's model once (kept for the command, not built twice) and check the flags against it."""
+    from pipeline.userfunc import UserSource, n_examples, shares_leading_dim
+
+    d = UserSource(args.model, overrides=overrides).preload()
+    trainable = [(n, p.numel()) for n, p in d["model"].named_parameters() if p.requires_grad]
+    where = ""
+    if args.block:
+        regex = re.compile(args.block)
+        chosen = [(n, k) for n, k in trainable if regex.search(n)]
+        if not chosen:
+            names = ", ".join(n for n, _ in trainable[:20]) + (" ..." if len(trainable) > 20 else "")
+            raise UsageError(f"--block {args.block!r}: matches no trainable parameter (names: {names})")
+        trainable, where = chosen, f" in block {args.block!r}"
+    dim = sum(k for _, k in trainable)
+    for flag, k in (("--top", args.top), ("--bottom", args.bottom)):
+        if k > dim:
+            raise UsageError(f"{flag} {k}: the model has only {dim} trainable parameters{where}")
+    if args.workers > 1:
+        if not shares_leading_dim(d["batch"]):
+            raise UsageError(f"--workers {args.workers}: the batch cannot be split (inputs and targets do not "
+                             "share their first dimension); use --workers 1")
+        n = n_examples(d["batch"])
+        if args.workers > n:
+            raise UsageError(f"--workers {args.workers}: the batch has only {n} examples (one micro-batch per "
+                             "worker at least)")
+
+
 def _spectrum(args) -> int:
-    from pipeline import spectrum_cmd as sc
-    from pipeline.allocator import keep_freed_memory
     from pipeline.userfunc import parse_overrides
 
-    keep_freed_memory()  # the CLI owns its process: steady, fault-free HVPs (pipeline/allocator.py)
     if args.method != "auto" and (args.workers > 1 or args.sharded_basis):
-        print("eqlab: error: --method applies in-process; with --workers > 1 each actor measures its own",
-              file=sys.stderr)
-        return 2
-
+        raise UsageError("--method applies in-process; with --workers > 1 each actor measures its own")
     if args.sharded_basis and (args.workers < 2 or args.density or args.trace):
-        print("eqlab: error: --sharded-basis needs --workers >= 2 and works with --top/--bottom only",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--sharded-basis needs --workers >= 2 and works with --top/--bottom only")
+    if args.top == 0 and args.bottom == 0 and not (args.density or args.trace):
+        raise UsageError("nothing to compute: --top and --bottom are 0 and neither --density nor --trace is given")
+    for flag, k in (("--top", args.top), ("--bottom", args.bottom)):
+        if k > args.max_iter:
+            raise UsageError(f"{flag} {k}: more than --max-iter {args.max_iter} Lanczos steps can find")
+    if args.block is not None:
+        try:
+            re.compile(args.block)
+        except re.error as e:
+            raise UsageError(f"--block {args.block!r}: not a valid regular expression ({e})") from None
+    if not args.address:
+        from pipeline.study import local_cpus
+
+        cpus = local_cpus()
+        if args.workers > cpus:
+            raise UsageError(f"--workers {args.workers}: this machine has {cpus} CPUs (one Ray actor per CPU; "
+                             "use --address for a larger cluster)")
+    overrides = parse_overrides(args.config)
+    _check_spectrum_model(args, overrides)
+
+    from pipeline import spectrum_cmd as sc
+    from pipeline.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the CLI owns its process: steady, fault-free HVPs (pipeline/allocator.py)
     out = sc.compute_spectrum(args.model, top=args.top, bottom=args.bottom, block=args.block,
                               workers=args.workers, dtype=args.dtype, tol=args.tol, max_iter=args.max_iter,
                               address=args.address, density=args.density, density_steps=args.density_steps,
                               probes=args.probes, trace=args.trace, trace_matvecs=args.trace_matvecs,
-                              sharded_basis=args.sharded_basis, overrides=parse_overrides(args.config),
+                              sharded_basis=args.sharded_basis, overrides=overrides,
                               method=args.method)
     print(sc.to_json(out) if args.json else sc.format_spectrum(out))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eqlab", description="Test what parameter symmetries predict about "
+    p = _Parser(prog="eqlab", description="Test what parameter symmetries predict about "
                                 "gradients and Hessians, on a Ray cluster, into Parquet tables.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -92,29 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
     i.add_argument("--json", action="store_true", help="print a JSON list, one object per transformation")
     i.add_argument("--results", default="results/inspect", help="where the inspections table goes")
-    i.add_argument("--examples", type=int, default=32, help="examples of the batch used for verification")
+    i.add_argument("--examples", type=_int_at_least(1), default=32, help="examples of the batch used for verification")
     i.add_argument("--config", action="append", metavar="KEY=VALUE",
                    help="override a transformers config field, e.g. num_hidden_layers=1 (repeatable)")
     i.set_defaults(func=_inspect)
 
     s = sub.add_parser("spectrum", help="top/bottom Hessian eigenvalues of a model (FILE.py:FUNC)")
     s.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
-    s.add_argument("--top", type=int, default=5, help="largest eigenvalues (default 5)")
-    s.add_argument("--bottom", type=int, default=0, help="smallest (most negative) eigenvalues")
+    s.add_argument("--top", type=_int_at_least(0), default=5, help="largest eigenvalues (default 5)")
+    s.add_argument("--bottom", type=_int_at_least(0), default=0, help="smallest (most negative) eigenvalues")
     s.add_argument("--block", help="regex on parameter names: the spectrum of that diagonal block")
-    s.add_argument("--workers", type=int, default=1, help="Ray actors sharing the batch (default 1: in-process)")
+    s.add_argument("--workers", type=_int_at_least(1), default=1, help="Ray actors sharing the batch (default 1: in-process)")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     s.add_argument("--method", default="auto",
                    choices=("auto", "double_backward", "forward_over_reverse", "double_backward_cached", "compiled"),
                    help="HVP method in-process (default auto: measured; compiled: torch.compile, slow to start, "
                         "fastest per product on small models)")
-    s.add_argument("--tol", type=float, default=1e-6, help="relative true-residual tolerance")
-    s.add_argument("--max-iter", type=int, default=200)
+    s.add_argument("--tol", type=_positive_float, default=1e-6, help="relative true-residual tolerance")
+    s.add_argument("--max-iter", type=_int_at_least(1), default=200)
     s.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
-    s.add_argument("--density-steps", type=int, default=40, help="Lanczos steps per SLQ probe")
-    s.add_argument("--probes", type=int, default=4, help="SLQ probe vectors")
+    s.add_argument("--density-steps", type=_int_at_least(1), default=40, help="Lanczos steps per SLQ probe")
+    s.add_argument("--probes", type=_int_at_least(1), default=4, help="SLQ probe vectors")
     s.add_argument("--trace", action="store_true", help="Hessian trace by Hutch++")
-    s.add_argument("--trace-matvecs", type=int, default=30, help="HVP budget of the trace estimate")
+    s.add_argument("--trace-matvecs", type=_int_at_least(3), default=30, help="HVP budget of the trace estimate")
     s.add_argument("--sharded-basis", action="store_true",
                    help="keep the Lanczos basis on the workers, cut by parameter slice (large models)")
     s.add_argument("--address", help="Ray cluster for --workers > 1 (default: a local one)")
@@ -131,15 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.study import StudyError
     from pipeline.userfunc import UserModelError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "workers", 1) > MAX_WORKERS:
+            raise UsageError(f"argument --workers: must be <= {MAX_WORKERS} (got {args.workers})")
         return args.func(args)
-    except (StudyError, QueryError, UserModelError, ClusterError) as e:
-        print(f"eqlab: error: {e}", file=sys.stderr)
+    except (UsageError, StudyError, QueryError, UserModelError, ClusterError) as e:
+        print(f"eqlab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `eqlab query ... | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except OSError as e:  # a disk or permission problem while working: say which file, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"eqlab: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("eqlab: interrupted; rerun the same command to resume (finished stages are kept)", file=sys.stderr)
         return 130

@@ -13,12 +13,24 @@ import torch
 
 from analyses.discover import discover
 from pipeline import store
-from pipeline.userfunc import UserSource
+from pipeline.userfunc import UserSource, input_tensors, n_examples, shares_leading_dim
+
+TRACE_EXAMPLES = 4  # examples the computation graph is traced on (when the batch can be cut)
 
 
 def inspect_model(ref: str, examples: int = 32, probes: int = 1, seed: int = 0, overrides=()) -> list[dict]:
+    """The batch is used as the user gave it, except that when inputs and targets share their first
+    dimension only the first ``examples`` verify the identities (and the first few are traced). A batch
+    whose targets have another first dimension (a token-level loss on (batch * tokens) targets) is used
+    whole for both."""
     model, loss, batches = UserSource(ref, overrides=tuple(overrides))(torch.float64)
-    found = discover(model, loss, batches[0], verify_examples=examples, probes=probes, seed=seed)
+    batch = batches[0]
+    if shares_leading_dim(batch):
+        verify, trace = examples, TRACE_EXAMPLES
+    else:  # no rule to cut it by: larger than every first dimension, so nothing is cut
+        whole = max([n_examples(batch)] + [int(t.shape[0]) for t in input_tensors(batch[0]) if t.dim()])
+        verify = trace = whole
+    found = discover(model, loss, batch, verify_examples=verify, trace_examples=trace, probes=probes, seed=seed)
     rows = []
     for f in found.found:
         t = f.transformation

@@ -1,43 +1,98 @@
-"""SQL over a study's result tables with DuckDB: every table folder is a view named after it."""
+"""SQL over a study's result tables with DuckDB: every table folder is a view named after it.
+
+The connection is confined: only one read-only statement (a SELECT, or what DuckDB rewrites into one:
+FROM ..., DESCRIBE, SHOW, SUMMARIZE, PIVOT) runs; file access is limited to the results folder
+(``enable_external_access = false`` with ``allowed_directories``), extensions are neither installed
+nor loaded, and the configuration is locked before the user's SQL is seen. So ``COPY ... TO``,
+``ATTACH``, ``read_csv('/etc/passwd')``, ``INSTALL``/``LOAD`` and ``SET`` are refused.
+
+Only duckdb and the table schemas (pyarrow) are imported, and only when a query runs (no torch):
+`eqlab query` answers in well under a second.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
-
-import duckdb
-
-from pipeline.schema import TABLES
 
 
 class QueryError(ValueError):
     pass
 
 
-def connect(results: Path) -> duckdb.DuckDBPyConnection:
+def _message(e: Exception) -> str:
+    """DuckDB's error on one line, its hints ("Did you mean ...") included, the caret picture dropped."""
+    lines = []
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith("LINE "):
+            break
+        if line:
+            lines.append(line)
+    return " ".join(lines) or type(e).__name__
+
+
+def connect(results: Path):
+    import duckdb
+
+    from pipeline.schema import TABLES
+
     results = Path(results)
-    if not results.is_dir():
+    if not results.exists():
         raise QueryError(f"no results at {results} (run a study first, or pass --results DIR)")
-    con = duckdb.connect()
-    for table in TABLES:
-        files = sorted((results / table).glob("*/*.parquet"))
-        if files:
-            listing = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+    if not results.is_dir():
+        raise QueryError(f"--results {results}: not a folder")
+    root = results.resolve()
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False,
+                                             "allow_community_extensions": False})
+    try:
+        for table in TABLES:
+            try:
+                files = sorted((root / table).glob("*/*.parquet"))
+            except OSError:
+                files = []
+            if files:
+                listing = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+        con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except duckdb.Error as e:
+        con.close()
+        raise QueryError(f"cannot open the tables in {results}: {_message(e)}") from None
     return con
 
 
 def run_query(results: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    import duckdb
+
+    if not sql or not re.sub(r"[\s;]", "", sql):
+        raise QueryError("empty SQL: give one SELECT statement, e.g. \"select * from runs\"")
     con = connect(results)
     try:
-        cur = con.execute(sql)
-    except duckdb.Error as e:
-        raise QueryError(str(e).splitlines()[0]) from None
-    if cur.description is None:
-        return [], []
-    return [d[0] for d in cur.description], cur.fetchall()
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise QueryError(_message(e)) from None
+        if len(statements) != 1:
+            raise QueryError(f"expected one SQL statement, got {len(statements)}")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise QueryError(f"only a read-only SELECT may run here (got a {kind.name} statement); the tables "
+                             "and files are not changed by eqlab query")
+        try:
+            cur = con.execute(statements[0])
+            if cur.description is None:
+                return [], []
+            return [d[0] for d in cur.description], cur.fetchall()
+        except duckdb.Error as e:
+            raise QueryError(_message(e)) from None
+    finally:
+        con.close()
 
 
 def _cell(v) -> str:

@@ -8,16 +8,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from models.registry import FAMILIES, model_options
+from models.registry import FAMILIES, OptionError, validate_options
 
 DEFAULT_STUDY = "default.toml"
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "float64")
+# Study and run names become folder names under results/: one safe path component each.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+SEED_LIMIT = 2**32  # numpy's seed range; derived seeds (seed * 1_000_003 + step) stay far below torch's 2**63
+MAX_STEPS = 10**9
+MAX_CPUS = 4096
 
 
 class StudyError(ValueError):
@@ -108,15 +115,25 @@ class _Fields:
             raise StudyError(f"{self._name(key)}: must be one of {', '.join(choices)} (got {v!r})")
         return v
 
-    def int(self, key, default=None, required=False, minimum=None):
+    def name(self, key, default=None, required=False):
+        """A study or run name: it becomes a folder, so one safe path component."""
+        v = self.str(key, default, required)
+        if not SAFE_NAME.fullmatch(v):
+            raise StudyError(f"{self._name(key)}: use ASCII letters, digits, '-', '_' and '.' (not first), "
+                             f"at most 100 characters (got {v!r})")
+        return v
+
+    def int(self, key, default=None, required=False, minimum=None, maximum=None, why=""):
         v = self._get(key, default, required)
         if isinstance(v, bool) or not isinstance(v, int):
             raise StudyError(f"{self._name(key)}: expected an integer, got {v!r}")
         if minimum is not None and v < minimum:
             raise StudyError(f"{self._name(key)}: must be >= {minimum} (got {v})")
+        if maximum is not None and v > maximum:
+            raise StudyError(f"{self._name(key)}: must be <= {maximum} (got {v}){why}")
         return v
 
-    def float(self, key, default=None, required=False, positive=False, nonnegative=False):
+    def float(self, key, default=None, required=False, positive=False, nonnegative=False, maximum=None):
         v = self._get(key, default, required)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise StudyError(f"{self._name(key)}: expected a finite number, got {v!r}")
@@ -124,6 +141,8 @@ class _Fields:
             raise StudyError(f"{self._name(key)}: must be > 0 (got {v})")
         if nonnegative and v < 0:
             raise StudyError(f"{self._name(key)}: must be >= 0 (got {v})")
+        if maximum is not None and v > maximum:
+            raise StudyError(f"{self._name(key)}: must be <= {maximum:g} (got {v:g})")
         return float(v)
 
     def done(self):
@@ -132,25 +151,30 @@ class _Fields:
             raise StudyError(f"{self._name(extra[0])}: unknown field")
 
 
-def _run(table, i: int, seed: int) -> RunSpec:
+def _run(table, i: int, seed: int, n_params: dict | None = None) -> RunSpec:
     f = _Fields(table, f"runs[{i}]")
-    name = f.str("name", required=True)
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise StudyError(f"runs[{i}].name: use letters, digits, '-' and '_' only (got {name!r})")
+    name = f.name("name", required=True)
     family = f.str("family", required=True, choices=tuple(FAMILIES))
     model = f._get("model", {}, False)
     if not isinstance(model, dict):
         raise StudyError(f"runs[{i}].model: expected a table of model options")
-    bad = sorted(set(model) - model_options(family))
-    if bad:
-        raise StudyError(f"runs[{i}].model.{bad[0]}: not an option of family {family!r} "
-                         f"(options: {', '.join(sorted(model_options(family)))})")
-    steps = f.int("steps", required=True, minimum=1)
-    n_ckpt = f.int("n_checkpoints", 6, minimum=2)
+    try:
+        count = validate_options(family, model)  # names and values, plain Python (no torch)
+    except OptionError as e:
+        raise StudyError(f"runs[{i}].model{'.' + e.key if e.key else ''}: {e}") from None
+    if n_params is not None:
+        n_params[i] = count
+    steps = f.int("steps", required=True, minimum=1, maximum=MAX_STEPS)
+    n_ckpt = f.int("n_checkpoints", 6, minimum=2, maximum=1000)
     explicit = f._get("checkpoint_steps", None, False)
     if explicit is not None:
-        if not isinstance(explicit, list) or not all(isinstance(s, int) and 0 <= s <= steps for s in explicit):
-            raise StudyError(f"runs[{i}].checkpoint_steps: expected a list of integers in [0, {steps}]")
+        if not isinstance(explicit, list) or not explicit or len(explicit) > 1000:
+            raise StudyError(f"runs[{i}].checkpoint_steps: expected a list of 1 to 1000 integers in [0, {steps}]")
+        for j, s in enumerate(explicit):
+            if isinstance(s, bool) or not isinstance(s, int):  # bool is an int in Python: name it
+                raise StudyError(f"runs[{i}].checkpoint_steps[{j}]: expected an integer, got {s!r}")
+            if not 0 <= s <= steps:
+                raise StudyError(f"runs[{i}].checkpoint_steps[{j}]: must be in [0, {steps}] (got {s})")
         ckpts = tuple(sorted(set(explicit) | {0}))
     else:
         ckpts = log_spaced_steps(steps, n_ckpt)
@@ -160,53 +184,69 @@ def _run(table, i: int, seed: int) -> RunSpec:
         lr=f.float("lr", required=True, positive=True),
         momentum=f.float("momentum", 0.0, nonnegative=True),
         weight_decay=f.float("weight_decay", 0.0, nonnegative=True),
-        batch_size=f.int("batch_size", 128, minimum=1),
+        batch_size=f.int("batch_size", 128, minimum=1, maximum=10**7),
         steps=steps, checkpoint_steps=ckpts,
-        train_workers=f.int("train_workers", 1, minimum=1),
-        seed=f.int("seed", seed, minimum=0),
+        train_workers=f.int("train_workers", 1, minimum=1, maximum=256),
+        seed=f.int("seed", seed, minimum=0, maximum=SEED_LIMIT - 1),
     )
     f.done()
+    if spec.train_workers > spec.batch_size:
+        raise StudyError(f"runs[{i}].train_workers: must be <= batch_size = {spec.batch_size} "
+                         f"(each worker trains on its own slice of the minibatch; got {spec.train_workers})")
     return spec
 
 
 def parse_study(data: dict, source: str = "") -> Study:
     top = _Fields(data, "")
     s = _Fields(top._get("study", {}, False), "study")
-    name = s.str("name", "study")
-    seed = s.int("seed", 0, minimum=0)
+    name = s.name("name", "study")
+    seed = s.int("seed", 0, minimum=0, maximum=SEED_LIMIT - 1)
     s.done()
     r = _Fields(top._get("ray", {}, False), "ray")
-    num_cpus = r.float("num_cpus", 2, positive=True)
+    num_cpus = r.float("num_cpus", 2, positive=True, maximum=MAX_CPUS)
     r.done()
     sp = _Fields(top._get("spectra", {}, False), "spectra")
     d = SpectraSpec()
     spectra = SpectraSpec(
-        top_k=sp.int("top_k", d.top_k, minimum=1), tol=sp.float("tol", d.tol, positive=True),
-        max_iter=sp.int("max_iter", d.max_iter, minimum=2), workers=sp.int("workers", d.workers, minimum=1),
-        examples=sp.int("examples", d.examples, minimum=1),
-        microbatch=sp.int("microbatch", d.microbatch, minimum=1), dtype=sp.str("dtype", d.dtype, choices=DTYPES),
-        block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0),
-        density_probes=sp.int("density_probes", d.density_probes, minimum=0),
-        density_steps=sp.int("density_steps", d.density_steps, minimum=1))
+        top_k=sp.int("top_k", d.top_k, minimum=1, maximum=10_000),
+        tol=sp.float("tol", d.tol, positive=True, maximum=1.0),
+        max_iter=sp.int("max_iter", d.max_iter, minimum=2, maximum=100_000),
+        workers=sp.int("workers", d.workers, minimum=1, maximum=max(1, math.ceil(num_cpus)),
+                       why=" (ray.num_cpus: each Hessian actor needs a CPU)"),
+        examples=sp.int("examples", d.examples, minimum=1, maximum=10**7),
+        microbatch=sp.int("microbatch", d.microbatch, minimum=1, maximum=10**7),
+        dtype=sp.str("dtype", d.dtype, choices=DTYPES),
+        block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0, maximum=10_000),
+        density_probes=sp.int("density_probes", d.density_probes, minimum=0, maximum=10_000),
+        density_steps=sp.int("density_steps", d.density_steps, minimum=1, maximum=100_000))
     sp.done()
     if spectra.max_iter < spectra.top_k:
         raise StudyError("spectra.max_iter: must be >= spectra.top_k")
     idf = _Fields(top._get("identities", {}, False), "identities")
     di = IdentitiesSpec()
     dtypes = idf._get("dtypes", list(di.dtypes), False)
-    if not isinstance(dtypes, list) or not dtypes or any(t not in DTYPES for t in dtypes):
+    if not isinstance(dtypes, list) or not dtypes or any(not isinstance(t, str) or t not in DTYPES for t in dtypes):
         raise StudyError(f"identities.dtypes: expected a non-empty list from {', '.join(DTYPES)} (got {dtypes!r})")
-    identities = IdentitiesSpec(dtypes=tuple(dtypes), examples=idf.int("examples", di.examples, minimum=2),
-                                probes=idf.int("probes", di.probes, minimum=1))
+    dup = next((t for t in dtypes if dtypes.count(t) > 1), None)
+    if dup:
+        raise StudyError(f"identities.dtypes: {dup!r} is listed twice (each dtype once: {dtypes!r})")
+    identities = IdentitiesSpec(dtypes=tuple(dtypes),
+                                examples=idf.int("examples", di.examples, minimum=2, maximum=10**7),
+                                probes=idf.int("probes", di.probes, minimum=1, maximum=1000))
     idf.done()
     runs_data = top._get("runs", None, True)
     if not isinstance(runs_data, list) or not runs_data:
         raise StudyError("runs: expected at least one [[runs]] table")
-    runs = tuple(_run(t, i, seed) for i, t in enumerate(runs_data))
+    n_params: dict[int, int] = {}
+    runs = tuple(_run(t, i, seed, n_params) for i, t in enumerate(runs_data))
     names = [r.run_id for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise StudyError(f"runs[{names.index(dup, names.index(dup) + 1)}].name: duplicate run name {dup!r}")
+    for i, r in enumerate(runs):  # Lanczos cannot find more eigenvalues than the Hessian has
+        if spectra.top_k > n_params[i]:
+            raise StudyError(f"spectra.top_k: must be <= the parameter count of every run (got {spectra.top_k}; "
+                             f"runs[{i}] {r.run_id!r} has {n_params[i]} parameters)")
     top.done()
     return Study(name=name, seed=seed, num_cpus=num_cpus, runs=runs, spectra=spectra,
                  identities=identities, source=source)
@@ -219,12 +259,33 @@ def load_study(path: str | Path | None = None) -> Study:
         source = f"<default study {DEFAULT_STUDY}>"
     else:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as e:
-            raise StudyError(f"{path}: cannot read ({e.strerror})") from None
+            raise StudyError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise StudyError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                             "TOML files are UTF-8") from None
         source = str(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{source}: not valid TOML ({e})") from None
     return parse_study(data, source)
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (the embedded local cluster's ceiling)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_local(study: Study) -> None:
+    """Checks that hold only for the embedded local cluster (no ``--address``): it runs on this machine."""
+    cpus = local_cpus()
+    if study.num_cpus > cpus:
+        raise StudyError(f"ray.num_cpus: {study.num_cpus:g} is more than this machine's {cpus} CPUs (the "
+                         "embedded local cluster runs here; use --address for a larger cluster)")
