@@ -57,13 +57,20 @@ def connect(results: Path):
                 files = []
             if files:
                 listing = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                try:
+                    con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                except duckdb.Error as e:
+                    raise QueryError(f"cannot read table {table} in {results}: {_message(e)} (rerunning the study "
+                                     "moves unreadable files aside and recomputes them)") from None
         con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     except duckdb.Error as e:
         con.close()
         raise QueryError(f"cannot open the tables in {results}: {_message(e)}") from None
+    except QueryError:
+        con.close()
+        raise
     return con
 
 
@@ -82,8 +89,8 @@ def run_query(results: Path, sql: str) -> tuple[list[str], list[tuple]]:
             raise QueryError(f"expected one SQL statement, got {len(statements)}")
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
-            raise QueryError(f"only a read-only SELECT may run here (got a {kind.name} statement); the tables "
-                             "and files are not changed by eqlab query")
+            raise QueryError(f"only a read-only SELECT may run here (got a statement of type {kind.name}); "
+                             "eqlab query changes no table and writes no file")
         try:
             cur = con.execute(statements[0])
             if cur.description is None:

@@ -45,6 +45,8 @@ def _exec_module(path: Path, label: str):
     try:
         code = compile(source, str(path), "exec")
     except SyntaxError as e:
+        if e.lineno is None:  # e.g. null bytes: not a place in the file
+            raise UserModelError(f"{label}: not Python source ({e.msg})") from None
         raise UserModelError(f"{label}: syntax error at line {e.lineno}: {e.msg}") from None
     except ValueError as e:  # e.g. null bytes
         raise UserModelError(f"{label}: not Python source ({e})") from None

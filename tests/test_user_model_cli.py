@@ -142,3 +142,42 @@ def test_transformers_folder_with_config_override(tmp_path):
     assert qk and all(r["holds"] and r["generators"] == 2 * 4 * 4 for r in qk)  # 2 heads of d_head 4
     bad = eqlab("inspect", str(tmp_path / "bert"), "--config", "no_such_field=1")
     assert bad.returncode == 2 and "no such field" in bad.stderr and "Traceback" not in bad.stderr
+
+
+TOKEN_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    V, D, B, T = 7, 6, 4, 8
+
+    class Block(nn.Module):
+        """LLaMA-style: tokens -> RMS-normed embedding -> linear head, logits (B, T, V)."""
+        def __init__(self):
+            super().__init__()
+            self.emb, self.gain, self.head = nn.Embedding(V, D), nn.Parameter(torch.ones(D)), nn.Linear(D, V)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.head(self.gain * h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+
+    def make():
+        torch.manual_seed(0)
+        ids = torch.randint(0, V, (B, T))
+        # the loss sees (B * T) logits: targets are flat, their first dimension is not the inputs'
+        loss = lambda out, y: nn.functional.cross_entropy(out.reshape(-1, V), y)
+        return {"model": Block().double(), "batch": (ids, torch.randint(0, V, (B * T,))), "loss": loss}
+''')
+
+
+def test_inspect_and_spectrum_use_a_token_level_batch_as_given(tmp_path, capsys):
+    """Targets of (batch * tokens) beside inputs of (batch, tokens): nothing is cut by the first dimension."""
+    from pipeline.cli import main
+
+    (tmp_path / "tok.py").write_text(TOKEN_FILE)
+    ref = f"{tmp_path / 'tok.py'}:make"
+    assert main(["inspect", ref, "--json", "--results", str(tmp_path / "r")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert any(r["symmetry"] == "softmax_translation" and r["holds"] for r in rows)
+    assert main(["spectrum", ref, "--top", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.allclose(out["eigenvalues"], dense_spectrum(ref)[::-1][:2], rtol=1e-6, atol=0)
