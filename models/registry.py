@@ -153,7 +153,7 @@ FAMILIES: dict[str, Family] = {
     "modadd_gpt2": Family(
         "models.modadd_gpt2:modadd_gpt2", "models.modadd_gpt2:modadd_data", "models.losses:last_token_cross_entropy",
         ("p",),
-        options={"p": Option("int", minimum=2, maximum=10_000),
+        options={"p": Option("int", minimum=2, maximum=1000, why="the data are all p * p pairs"),
                  "n_embd": Option("int", minimum=1, maximum=16_384),
                  "n_layer": Option("int", minimum=1, maximum=256),
                  "n_head": Option("int", minimum=1, maximum=1024),

@@ -43,8 +43,9 @@ def inspect_model(ref: str, examples: int = 32, probes: int = 1, seed: int = 0, 
 
 
 def write_inspection(rows: list[dict], results: Path, ref: str) -> Path:
-    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(ref.split(":")[0]).stem
-                     + ("_" + ref.rsplit(":", 1)[1] if ":" in ref else ""))
+    run_id = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_"
+                     for ch in Path(ref.split(":")[0]).stem + ("_" + ref.rsplit(":", 1)[1] if ":" in ref else ""))
+    run_id = run_id.strip("_") or "model"  # a folder name under inspections/: never empty
     return store.write_rows(results, "inspections", run_id, store.RUN_LEVEL, rows, study="inspect")
 
 

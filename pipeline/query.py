@@ -1,7 +1,7 @@
 """SQL over a study's result tables with DuckDB: every table folder is a view named after it.
 
 The connection is confined: only one read-only statement (a SELECT, or what DuckDB rewrites into one:
-FROM ..., DESCRIBE, SHOW, SUMMARIZE, PIVOT) runs; file access is limited to the results folder
+FROM ..., DESCRIBE, SHOW, SUMMARIZE, PIVOT; or EXPLAIN [ANALYZE] of one) runs; file access is limited to the results folder
 (``enable_external_access = false`` with ``allowed_directories``), extensions are neither installed
 nor loaded, and the configuration is locked before the user's SQL is seen. So ``COPY ... TO``,
 ``ATTACH``, ``read_csv('/etc/passwd')``, ``INSTALL``/``LOAD`` and ``SET`` are refused.
@@ -88,6 +88,14 @@ def run_query(results: Path, sql: str) -> tuple[list[str], list[tuple]]:
         if len(statements) != 1:
             raise QueryError(f"expected one SQL statement, got {len(statements)}")
         kind = statements[0].type
+        if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN [ANALYZE] runs its statement: judge that one
+            inner = re.match(r"\s*explain(\s+analyze)?\s+(.*)", sql, re.IGNORECASE | re.DOTALL)
+            try:
+                inner_kinds = [s.type for s in con.extract_statements(inner.group(2))] if inner else []
+            except duckdb.Error:
+                inner_kinds = []
+            if inner_kinds == [duckdb.StatementType.SELECT]:
+                kind = duckdb.StatementType.SELECT
         if kind != duckdb.StatementType.SELECT:
             raise QueryError(f"only a read-only SELECT may run here (got a statement of type {kind.name}); "
                              "eqlab query changes no table and writes no file")

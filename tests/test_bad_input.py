@@ -207,6 +207,14 @@ STUDY_CASES = [
     ("duplicate-run-name", study(_set(["runs", 1, "name"], "cnn"), "runs[1].name: duplicate run name")),
 ]
 
+def _bert(tmp: Path) -> bool:
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+               max_position_embeddings=32).save_pretrained(tmp / "bert")
+    return True
+
+
 MODEL_CASES = [
     ("func-raises", model('raise RuntimeError("no data here")', "m.py:make: raised RuntimeError: no data here")),
     ("syntax-error", raw(lambda tmp: (tmp / "s.py").write_text("def make(:\n    pass\n") and ["inspect", "s.py:make", "--results", "results"],
@@ -248,6 +256,10 @@ MODEL_CASES = [
                                  "--config 'novalue': expected KEY=VALUE")),
     ("empty-model-folder", raw(lambda tmp: (tmp / "hf").mkdir() or ["inspect", "hf", "--results", "results"],
                                "not a transformers model folder")),
+    ("hf-config-override-invalid", raw(lambda tmp: _bert(tmp) and ["spectrum", "bert", "--config", "num_attention_heads=3"],
+                                       "bert: cannot build the model from its config and --config: ValueError")),
+    ("hf-config-no-such-field", raw(lambda tmp: _bert(tmp) and ["inspect", "bert", "--config", "no_such_field=1",
+                                                                "--results", "results"], "has no such field")),
     ("neither-file-nor-folder", raw(lambda tmp: ["spectrum", "nowhere"], "nowhere: expected FILE.py:FUNC or a transformers")),
 ]
 
@@ -318,6 +330,10 @@ SQL_CASES = [
     ("sql-set", sql("set enable_external_access = true", "only a read-only SELECT")),
     ("sql-create-table", sql("create table t as select 1", "only a read-only SELECT")),
     ("sql-install", sql("install httpfs", "only a read-only SELECT")),
+    ("sql-explain-analyze-copy", raw(lambda tmp: ["query", "--results", str(write_results(tmp)),
+                                                  f"explain analyze copy (select 1) to '{tmp / 'res' / 'x.csv'}'"],
+                                     "only a read-only SELECT")),
+    ("sql-pragma", sql("pragma enable_profiling", "only a read-only SELECT")),
     ("sql-two-statements", sql("select 1; select 2", "expected one SQL statement, got 2")),
     ("sql-typo-hint", sql("select * from spectr", 'Did you mean "spectra"')),
     ("sql-column-hint", sql("select eigenvalu from spectra", "eigenvalue")),
@@ -373,6 +389,7 @@ def test_query_still_answers_selects(tmp_path, capsys):
                     ("select s.run_id, r.family from spectra s join runs r using (run_id) limit 1", "digits_cnn"),
                     (f"select count(*) as n from read_parquet('{res}/spectra/*/*.parquet')", "2"),
                     ("describe spectra", "eigenvalue"), ("from runs", "digits_cnn"),
+                    ("explain select * from spectra", "physical_plan"),
                     ("with t as (select max(eigenvalue) m from spectra) select m from t;", "2.5")]:
         assert cli.main(["query", "--results", str(res), q]) == 0
         out, err = capsys.readouterr()
