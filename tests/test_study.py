@@ -43,6 +43,20 @@ def test_log_spaced_schedule():
     (lambda d: d["ray"].update(num_cpus=-1), "ray.num_cpus"),
     (lambda d: d["runs"][1].update(name="cnn"), "runs[1].name"),
     (lambda d: d.pop("runs"), "runs"),
+    # values, not only names, are checked per family (plain Python, before torch or Ray)
+    (lambda d: d["runs"][0]["model"].update(activation="softplus"), "runs[0].model.activation"),
+    (lambda d: d["runs"][0]["model"].update(channels=[4]), "runs[0].model.channels"),
+    (lambda d: d["runs"][0]["model"].update(hidden=-4), "runs[0].model.hidden"),
+    (lambda d: d["runs"][0]["model"].update(bn_eps=0.0), "runs[0].model.bn_eps"),
+    (lambda d: d["runs"][1]["model"].update(n_head=5), "runs[1].model.n_head"),
+    (lambda d: d["study"].update(seed=2**63 - 1), "study.seed"),
+    (lambda d: d["runs"][0].update(checkpoint_steps=[True, 5]), "runs[0].checkpoint_steps[0]"),
+    (lambda d: d["runs"][0].update(name="réseau"), "runs[0].name"),
+    (lambda d: d["study"].update(name="../../x"), "study.name"),
+    (lambda d: d["identities"].update(dtypes=["float64", "float64"]), "identities.dtypes"),
+    (lambda d: d["ray"].update(num_cpus=1e9), "ray.num_cpus"),
+    (lambda d: (d["runs"][0].update(model={"channels": [1, 1], "hidden": 1}),
+                d["spectra"].update(top_k=62, max_iter=100)), "spectra.top_k"),
 ])
 def test_malformed_field_is_named(mutate, field):
     data = default_data()
@@ -63,6 +77,17 @@ def test_cli_rejects_bad_study_without_traceback_or_output(tmp_path):
     assert proc.stderr.strip().splitlines() == ["eqlab: error: runs[0].optimizer: must be one of sgd, adam (got 'sgdd')"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out_dir.exists()
+
+
+def test_derived_seeds_stay_in_range():
+    from pipeline.study import MAX_STEPS, SEED_LIMIT
+
+    data = default_data()
+    data["study"]["seed"] = SEED_LIMIT - 1
+    study = parse_study(data)
+    assert all(r.seed == SEED_LIMIT - 1 for r in study.runs)
+    # the training minibatch generator's seed (pipeline.train) at the largest step
+    assert (SEED_LIMIT - 1) * 1_000_003 + MAX_STEPS < 2**63
 
 
 def test_cli_rejects_invalid_toml(tmp_path):
