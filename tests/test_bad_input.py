@@ -322,6 +322,7 @@ SQL_CASES = [
     ("sql-read-passwd", sql("select * from read_csv('/etc/passwd', sep = ':')", "Permission Error")),
     ("sql-read-text", sql("select * from read_text('/etc/hostname')", "Permission Error")),
     ("sql-glob-etc", sql("select * from glob('/etc/*')", "Permission Error")),
+    ("sql-sniff-csv", sql("select * from sniff_csv('/etc/passwd')", "Permission Error")),
     ("sql-read-outside-via-dotdot", raw(lambda tmp: ["query", "--results", str(write_results(tmp)),
                                                      f"select * from read_csv('{tmp}/res/../../../../etc/passwd')"],
                                         "Permission Error")),
