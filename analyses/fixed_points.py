@@ -41,13 +41,18 @@ def _proj(T, v, sign):
 
 
 def to_fixed_point(model, T: Discrete) -> float:
-    """θ ← (θ + Tθ)/2 in place (a point of Fix(T)); returns the distance moved ‖P₋θ‖."""
+    """θ ← (θ + Tθ)/2 in place (a point of Fix(T)); returns the distance moved ‖P₋θ‖.
+
+    The new value is computed as P₊θ = ½(θ + Tθ), not as θ − P₋θ: for a swap both units get
+    ½(θ_i + θ_j) = ½(θ_j + θ_i) (IEEE addition commutes) and for a flip ½(θ_i − θ_i) = 0, so the result is
+    exactly T-invariant, bit for bit, on every CPU (θ − ½(θ_i − θ_j) and θ_j + ½(θ_i − θ_j) can differ by an ulp)."""
     theta = named_params(model)
-    minus = _proj(T, {n: theta[n] for n in T.params}, -1.0)
+    th = {n: theta[n] for n in T.params}
+    minus, plus = _proj(T, th, -1.0), _proj(T, th, +1.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n in minus:
-                p.sub_(minus[n])
+            if n in plus:
+                p.copy_(plus[n])
     return float(norm(minus))
 
 
@@ -91,6 +96,7 @@ class DeadUnit:
     grad: float                 # ‖g_i‖ / ‖g‖
     cross: float                # ‖H_{rest,i}‖_F / ‖H_{:,i}‖_F
     spectrum: float             # max |eig − predicted| / σ_max(B)
+    column_norm: float = 0.0    # ‖H_{:,i}‖_F: the size the rounding of the unit's HVP columns scales with
 
 
 def _unit_slices(producer, consumer, unit):
@@ -112,6 +118,11 @@ def dead_unit_spectrum(model, loss, batch, producer: str, consumer: str, unit: i
         x = theta[p]
         idx = torch.arange(x.numel()).reshape(x.shape).select(d, i).reshape(-1)
         basis += [(p, int(k)) for k in idx]
+    # the off-block part of each column H e_k is read off directly (he with the unit's own entries zeroed),
+    # never as ‖he‖² − ‖col‖²: that difference cancels to ~sqrt(eps)·‖he‖ when the off block is ~0
+    off_mask = {n: torch.ones_like(t) for n, t in theta.items()}
+    for p, k in basis:
+        off_mask[p].view(-1)[k] = 0.0
     cols, cross2, tot2 = [], 0.0, 0.0
     for p, k in basis:
         e = {n: torch.zeros_like(t) for n, t in theta.items()}
@@ -120,7 +131,7 @@ def dead_unit_spectrum(model, loss, batch, producer: str, consumer: str, unit: i
         col = torch.stack([he[q].reshape(-1)[j] for q, j in basis])
         cols.append(col)
         tot2 += float(norm(he)) ** 2
-        cross2 += float(norm(he)) ** 2 - float(col.pow(2).sum())
+        cross2 += float(norm({n: he[n] * off_mask[n] for n in he})) ** 2
     Hii = torch.stack(cols, 1)
     Hii = 0.5 * (Hii + Hii.T)
     gi = torch.stack([g[q].reshape(-1)[j] for q, j in basis])
@@ -128,8 +139,8 @@ def dead_unit_spectrum(model, loss, batch, producer: str, consumer: str, unit: i
     s = torch.linalg.svdvals(B)
     pred = torch.cat([s, -s, torch.zeros(len(basis) - 2 * len(s), dtype=s.dtype)]).sort().values
     ev = torch.linalg.eigvalsh(Hii)
-    return DeadUnit(ev, pred, B, float(gi.norm() / norm(g)), (max(cross2, 0.0) / tot2) ** 0.5,
-                    float((ev - pred).abs().max() / s.max()))
+    return DeadUnit(ev, pred, B, float(gi.norm() / norm(g)), (cross2 / max(tot2, 1e-300)) ** 0.5,
+                    float((ev - pred).abs().max() / s.max()), tot2 ** 0.5)
 
 
 def _dead_unit_B(model, loss, batch, producer, consumer, slope):
