@@ -18,7 +18,7 @@ def _gpt2(**opt):
 
 
 def test_pre_ln_residual_stream_scale_and_translation():
-    model, loss, batch = _gpt2(layer_norm_epsilon=1e-12)
+    model, loss, batch = _gpt2(layer_norm_epsilon=0.0)   # 1e-12 leaves r2 ~ 5e-10, above float64 rounding
     d = discover(model, loss, batch)
     assert not d.broken, [f.as_row() for f in d.broken]
     fam = d.families()
@@ -70,7 +70,7 @@ def test_wrong_homogeneity_degree_is_rejected_and_biases_break_it():
     loss_level = ScaleFamily("homogeneity_loss", "homogeneity", [[[n, None, None, 1.0] for n in names]],
                              loss_rate=[6.0])
     for c in check_all(model, squared_error, zero, [loss_level]):
-        assert c.residual < 1e-8, c.as_row()
+        assert c.verdict == "holds", c.as_row()   # within the float64 rounding bound p·γ_n(u)·R
     # with biases the whole-network scaling is not homogeneous: discovery does not propose it
     biased = MLP((8, 16, 16, 4), "relu", bias=True).double()
     assert "homogeneity" not in discover(biased, cross_entropy, toy_batch()).families()
@@ -100,7 +100,7 @@ def test_attention_gl_wrong_action_is_rejected_and_float32_holds():
     js["blocks"] = [[[p, dim, i, "M"] for p, dim, i, _ in b] for b in js["blocks"]]
     js.update(name="qk_same_action", expected=False)
     for c in check_all(model, loss, batch, [qk, vo], probes=1):  # float32 model: the fp32 tolerance
-        assert c.dtype == "float32" and c.holds and c.residual < 1e-4, c.as_row()
+        assert c.dtype == "float32" and c.verdict == "holds", c.as_row()   # within the float32 rounding bound
     # At GPT-2's init (std 0.02) the scores q·k are ~0 and the loss barely depends on Q/K: even a wrong
     # action moves it by only ~1e-5. Sharpen the attention first so the control has something to break.
     model = model.double()
@@ -108,4 +108,4 @@ def test_attention_gl_wrong_action_is_rejected_and_float32_holds():
         model.transformer.h[0].attn.c_attn.weight.mul_(8.0)
     checks = check_all(model, loss, batch, [qk, vo, Transformation.from_json(js)], probes=1)
     assert rejected(checks) == {"qk_same_action": True}
-    assert all(c.residual < 1e-8 for c in checks if c.expected)
+    assert all(c.verdict == "holds" for c in checks if c.expected)   # float64 rounding bound

@@ -27,7 +27,7 @@ def test_minilm_attention_gl_per_head_verifies_on_real_weights():
     assert (heads, dh) == (12, 32)
     for family in ("qk_gl", "vo_gl"):
         (f,) = [f for f in d.found if f.transformation.family == family]
-        assert f.verified and f.residual < 1e-8, f.as_row()
+        assert f.verified, f.as_row()   # every order within its float64 rounding bound p·γ_n(u)·R
         t = f.transformation
         assert len(t.blocks) == heads and all(len(term[2]) == dh for b in t.blocks for term in b)
         assert t.n_generators == heads * dh ** 2
@@ -38,4 +38,5 @@ def test_minilm_attention_gl_per_head_verifies_on_real_weights():
     (g,) = [f for f in d.found if f.transformation.family == "gelu_rescale"]
     assert not g.verified and "homogeneous" in g.reason and g.residual > 1e-3
     # the rest verifies (the post-LN embedding stream's scale too: BERT's eps is 1e-12)
-    assert all(f.verified and f.residual < 1e-8 for f in d.found if f is not g), [f.as_row() for f in d.broken]
+    # (verified: within the rounding bound, which at d ~ 1e7 parameters is ~1e-8 and covers eps = 1e-12)
+    assert all(f.verified for f in d.found if f is not g), [f.as_row() for f in d.broken]

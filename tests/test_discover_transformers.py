@@ -16,8 +16,8 @@ def _check_verified(d, allowed_broken=()):
     """Everything verifies to float64 roundoff except the families in ``allowed_broken`` (returned)."""
     broken = {}
     for f in d.found:
-        if f.verified:
-            assert f.residual < 1e-8, f.as_row()
+        if f.verified:   # verified: every order within its float64 rounding bound (analyses.identities: p·γ_n(u)·R)
+            continue
         else:
             assert f.transformation.family in allowed_broken, f.as_row()
             broken.setdefault(f.transformation.family, []).append(f)
@@ -43,7 +43,7 @@ def test_gpt2_relu_untied():
 
 
 def test_gpt2_layer_norm_eps_tiny_makes_the_stream_scale_exact():
-    model, loss, batch = hf_tiny.gpt2(layer_norm_epsilon=1e-12)
+    model, loss, batch = hf_tiny.gpt2(layer_norm_epsilon=0.0)   # 1e-12 leaves r2 ~ 7e-10 > float64 rounding
     d = discover(model, loss, batch)
     _check_verified(d)
     assert d.families()["ln_residual_scale"] == 1
@@ -86,7 +86,7 @@ def test_gpt2_negative_controls_rejected():
 def test_bert_sequence_classifier():
     model, loss, batch = hf_tiny.bert_classifier()
     d = discover(model, loss, batch)
-    broken = _check_verified(d, {"tanh_rescale"})
+    broken = _check_verified(d, {"tanh_rescale", "ln_residual_scale"})
     (f,) = broken["tanh_rescale"]                        # pooler dense -> tanh -> classifier
     assert "not positively homogeneous" in f.reason and f.residual > 1e-3
     fam = d.families()
@@ -96,8 +96,13 @@ def test_bert_sequence_classifier():
     # post-LN: each LN output also feeds the residual, so only the last one (read by the pooler alone)
     # has a gain rescale, and only the embedding sum (3 writers) is a stream that only a LN reads
     assert fam["ln_gain_rescale"] == D
-    assert fam["ln_residual_scale"] == 1 and fam["ln_residual_translation"] == 11 + 5 + 2
+    fam_all = d.families(verified_only=False)
+    assert fam_all["ln_residual_scale"] == 1 and fam["ln_residual_translation"] == 11 + 5 + 2
     assert fam["sign_flip"] == 1                          # tanh is odd
+    # BERT's default LayerNorm eps = 1e-12 breaks the embedding-stream scale by ~eps/Var: r2 ~ 1e-11, over
+    # the float64 rounding bound of this model
+    (s,) = broken["ln_residual_scale"]
+    assert "eps=1e-12" in s.reason and s.residual < 1e-9, s.as_row()
 
 
 def test_bert_headless_with_unused_pooler():
@@ -127,12 +132,13 @@ def test_vit_classifier():
     # o_proj and fc2: translations 1 + 5 + (D + 1) + (D + 1) + (2D + 1)
     assert fam["ln_residual_scale"] == 1
     assert fam["ln_residual_translation"] == 1 + 5 + 3 * (D + 1) + D
-    # ViT's eager attention evaluates its softmax in float32 whatever the model dtype: said, and still < 1e-8
+    # ViT's eager attention evaluates its softmax in float32 whatever the model dtype: said, and the rounding
+    # bound counts those float32 ops
     f = next(f for f in d.found if f.transformation.family == "qk_gl")
     assert any("dtype=float32" in c for c in f.caveats)
 
 
-@pytest.mark.parametrize("eps", [None, 1e-12])
+@pytest.mark.parametrize("eps", [None, 1e-20])   # 1e-20: exact to float64 rounding (1e-12 is borderline)
 def test_resnet_batchnorm(eps):
     model, loss, batch = hf_tiny.resnet(bn_eps=eps)
     d = discover(model, loss, batch)
