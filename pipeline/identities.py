@@ -54,5 +54,5 @@ def identity_rows(spec: dict, checkpoint_dir: str, identities: dict, kill_marker
                          "order": c.order, "params": list(t.params), "n_generators": int(t.n_generators),
                          "control": not c.expected, "dtype": name, "residual": float(c.residual),
                          "tolerance": float(c.tolerance), "holds": bool(c.holds), "hvps": int(c.n_hvp),
-                         "verdict": getattr(c, "verdict", "TMP"), "tolerance_reason": getattr(c, "tolerance_reason", "")})
+                         "verdict": c.verdict, "tolerance_reason": c.tolerance_reason})
     return rows
