@@ -2,7 +2,7 @@
 
 Symmetries it carries (found by `analyses.discover`, not declared here): each conv filter feeding a
 BatchNorm channel is scale invariant (up to a violation of about bn_eps / Var(pre-activation);
-torch forbids eps = 0 in training mode, so exact-symmetry studies set bn_eps = 1e-12), each BN channel and each hidden
+torch forbids eps = 0 in training mode, so exact-symmetry studies set bn_eps = 1e-20), each BN channel and each hidden
 fc unit can be rescaled across its ReLU, and the softmax head is translation invariant.
 """
 import torch

@@ -24,7 +24,7 @@ TINY = {
     "spectra": {"top_k": 2, "tol": 1e-6, "max_iter": 40, "workers": 1, "examples": 64, "microbatch": 64,
                 "dtype": "float64", "block_top_k": 0, "density_probes": 1, "density_steps": 8},
     "identities": {"dtypes": ["float64"], "examples": 32, "probes": 1},
-    "runs": [{"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 2], "hidden": 4, "bn_eps": 1e-12},
+    "runs": [{"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 2], "hidden": 4, "bn_eps": 1e-20},
               "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "steps": 6, "checkpoint_steps": [0, 3, 6]}],
 }
 TABLES = ["runs", "checkpoints", "spectra", "lanczos", "densities", "identities", "conservation"]
