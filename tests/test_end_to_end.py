@@ -17,7 +17,7 @@ STUDY = {
                 "dtype": "float64", "density_probes": 2, "density_steps": 20},
     "identities": {"dtypes": ["float64", "float32"], "examples": 64, "probes": 1},
     "runs": [
-        {"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-12},
+        {"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20},
          "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "steps": 12, "n_checkpoints": 3},
         {"name": "gpt2", "family": "modadd_gpt2", "model": {"p": 5, "n_embd": 8, "n_head": 2, "activation": "relu"},
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
