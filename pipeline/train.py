@@ -236,6 +236,7 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
 
     TorchTrainer = _interruptible(RayTorchTrainer)
 
+    from pipeline.cluster import train_backend_config
     from pipeline.env import worker_env
 
     storage = Path(storage).resolve()
@@ -252,6 +253,7 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env()}),
+        torch_config=train_backend_config(),  # rendezvous store on rank 0's node address only
     )
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run_dir, spec, stop, log), daemon=True)
