@@ -2,7 +2,10 @@
 import os
 
 RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # with 0, Ray takes 127.0.0.1 as the node address (loopback only)
+    # With 0, Ray 2.60 keeps a loopback address (--address 127.0.0.1:PORT, the node address) as 127.0.0.1;
+    # with 1 (its Linux default) it swaps it for this machine's external address before connecting.
+    # eqlab does not force the node address when joining, so a head registered elsewhere still joins.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",            # no telemetry traffic off the machine
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # each train.report otherwise waits ~2 s for the controller
     "HF_HUB_OFFLINE": "1",
