@@ -6,6 +6,7 @@ processes' ids (`ray stop` would stop every Ray on the machine, other sessions' 
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,6 +132,8 @@ def test_readme_cluster_recipe_runs_a_study(tmp_path):
             assert store.table_files(results, table), (table, out[-2000:])
     finally:
         left = end_processes(tmp)
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
     assert not left, f"head processes left: {left}"
 
 
@@ -156,4 +159,6 @@ def test_joins_a_head_registered_under_another_address(tmp_path, node_ip):
         assert f"['{node_ip}']" in line and float(line.split()[-1]) < 30, line
     finally:
         left = end_processes(tmp)
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
     assert not left, f"head processes left: {left}"

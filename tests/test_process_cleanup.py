@@ -4,6 +4,7 @@ the driver alone with SIGTERM), and within a bounded time no process of that stu
 the fix Ray 2.60 put every worker in a process group of its own, so a group kill missed them and they
 were reparented to PID 1."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,3 +102,4 @@ def test_killed_study_leaves_no_process(tmp_path, how):
         if p.poll() is None:
             p.kill()
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
