@@ -14,39 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_study import tiny_study
 
 
 ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 15.0
-STUDY = """
-[study]
-name = "cleanup"
-seed = 0
-[ray]
-num_cpus = 2
-[spectra]
-top_k = 1
-tol = 1e-4
-max_iter = 30
-workers = 1
-examples = 32
-microbatch = 32
-block_top_k = 0
-density_probes = 0
-[identities]
-dtypes = ["float64"]
-examples = 16
-probes = 1
-[[runs]]
-name = "cnn"
-family = "digits_cnn"
-model = { channels = [2, 4], hidden = 8, bn_eps = 1e-12 }
-optimizer = "sgd"
-lr = 0.1
-batch_size = 16
-steps = 2
-n_checkpoints = 2
-"""
+STUDY = tiny_study("cleanup")
 
 
 def study_processes(tmp: str) -> list[tuple[int, str, int]]:

@@ -1,0 +1,35 @@
+"""The smallest study that runs every stage once: for tests that start `eqlab run` as a real process."""
+
+TOML = """
+[study]
+name = "{name}"
+seed = 0
+[ray]
+num_cpus = 2
+[spectra]
+top_k = 1
+tol = 1e-4
+max_iter = 30
+workers = 1
+examples = 32
+microbatch = 32
+block_top_k = 0
+density_probes = 0
+[identities]
+dtypes = ["float64"]
+examples = 16
+probes = 1
+[[runs]]
+name = "cnn"
+family = "digits_cnn"
+model = {{ channels = [2, 4], hidden = 8, bn_eps = 1e-20 }}
+optimizer = "sgd"
+lr = 0.1
+batch_size = 16
+steps = 2
+n_checkpoints = 2
+"""
+
+
+def tiny_study(name: str) -> str:
+    return TOML.format(name=name)
