@@ -58,12 +58,13 @@ def test_hessian_with_forward_convs_matches_dense(method):
     assert rel(op.matmat(V), H @ V) <= 1e-10
 
 
-def test_auto_measures_and_ineligible_convs_stay_native():
+def test_auto_is_a_rule_and_ineligible_convs_stay_native():
     model, loss, batch = tiny_cnn()
-    op = HessianOperator(model, loss, batch)  # method and conv both auto
-    if op.method != "forward_over_reverse":
-        assert op.conv in ("native", "forward")
-        assert isinstance(op.timings["conv_native"], float) and isinstance(op.timings["conv_forward"], float)
+    op = HessianOperator(model, loss, batch)  # method and conv both auto: float64 on the CPU -> native
+    assert op.conv == "native" and "float64" in op.conv_reason and op.hvps_setup == 0
+    op32 = HessianOperator(model, loss, batch, dtype=torch.float32)  # float32 on the CPU -> forward convs
+    assert op32.conv == "forward" and op32.conv_reason.startswith("auto: float32")
+    assert fc.count_eligible(op32.model) == 2 and op32.hvps_setup == 0
     strided = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(2, 2, 3, dilation=2, padding=2),
                             nn.Conv2d(2, 2, 3, padding="same"), nn.Flatten(), nn.LazyLinear(3)).double()
     Xs = torch.randn(4, 1, 9, 9, dtype=F64)

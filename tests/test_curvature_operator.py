@@ -130,16 +130,20 @@ def test_dense_hessian_from_operator(references):
     assert rel(dense_hessian(op), H) <= 1e-10
 
 
-def test_auto_picks_a_method_and_records_timings(references):
+def test_auto_is_a_reproducible_rule_and_counts_its_setup(references):
+    """``auto`` picks by a rule (no timing): the same method, reason and counts for identical cases, the
+    setup work reported apart from ``n_hvp`` (no products, one first-order pass for the trial graph)."""
     model, loss, batch, H = references["gpt2"]
-    op = HessianOperator(model, loss, batch)
-    assert op.method in METHODS + ["double_backward_cached"]
-    assert isinstance(op.timings["gradient"], float)
-    assert all(isinstance(op.timings[m], float) for m in METHODS + ["double_backward_cached"])
-    assert op.timings["method_rel_diff"] <= 1e-12  # both methods are exact
-    assert op.n_hvp == 0
+    ops = [HessianOperator(model, loss, batch) for _ in range(3)]
+    assert {(op.method, op.method_reason, op.conv, op.conv_reason) for op in ops} == \
+        {(ops[0].method, ops[0].method_reason, ops[0].conv, ops[0].conv_reason)}
+    op = ops[0]
+    assert op.method == "double_backward_cached" and op.method_reason.startswith("auto:")
+    assert op.hvps_setup == 0 and op.gradients_setup == 1 and op.n_hvp == 0
     v = torch.randn(op.dim, dtype=F64)
-    assert rel(op.matvec(v), H @ v) <= 1e-10
+    assert rel(op.matvec(v), H @ v) <= 1e-10 and op.n_hvp == 1
+    given = HessianOperator(model, loss, batch, method="double_backward")
+    assert given.method_reason == "given" and given.gradients_setup == 0 and given.hvps_setup == 0
 
 
 def test_bn_model_loss_is_train_mode_loss_and_model_untouched():
