@@ -40,8 +40,8 @@ def snapshot(results):
     """Every table's rows, keyed and sorted, without wall-clock columns."""
     out = {}
     for t in TABLES:
-        rows = store.read_table(results, t).drop_columns(
-            [c for c in ("seconds", "created_at", "checkpoint_uri") if c in store.read_table(results, t).column_names])
+        table = store.read_table(results, t)
+        rows = table.drop_columns([c for c in ("seconds", "created_at", "checkpoint_uri") if c in table.column_names])
         out[t] = sorted(map(repr, rows.to_pylist()))
     return out
 
