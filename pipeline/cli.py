@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a transformers config field, e.g. num_hidden_layers=1 (repeatable)")
     i.set_defaults(func=_inspect)
 
+    from analyses.curvature.defaults import TABLE  # torch-free: the one defaults table of the engine
+    _CURVATURE_DEFAULTS = TABLE["float64"]  # budgets are dtype-independent; --tol None: the dtype's own
     s = sub.add_parser("spectrum", help="top/bottom Hessian eigenvalues of a model (FILE.py:FUNC)")
     s.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
     s.add_argument("--top", type=_int_at_least(0), default=5, help="largest eigenvalues (default 5)")
@@ -222,13 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "double_backward", "forward_over_reverse", "double_backward_cached", "compiled"),
                    help="HVP method in-process (default auto: measured; compiled: torch.compile, slow to start, "
                         "fastest per product on small models)")
-    s.add_argument("--tol", type=_positive_float, default=1e-6, help="relative true-residual tolerance")
-    s.add_argument("--max-iter", type=_int_at_least(1), default=200)
+    s.add_argument("--tol", type=_positive_float, default=None, help="relative true-residual tolerance (default: sqrt(eps) of --dtype, analyses/curvature/defaults.py)")
+    s.add_argument("--max-iter", type=_int_at_least(1), default=_CURVATURE_DEFAULTS.max_iter)
     s.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
-    s.add_argument("--density-steps", type=_int_at_least(1), default=40, help="Lanczos steps per SLQ probe")
-    s.add_argument("--probes", type=_int_at_least(1), default=4, help="SLQ probe vectors")
+    s.add_argument("--density-steps", type=_int_at_least(1), default=_CURVATURE_DEFAULTS.slq_steps, help="Lanczos steps per SLQ probe")
+    s.add_argument("--probes", type=_int_at_least(1), default=_CURVATURE_DEFAULTS.slq_probes, help="SLQ probe vectors")
     s.add_argument("--trace", action="store_true", help="Hessian trace by Hutch++")
-    s.add_argument("--trace-matvecs", type=_int_at_least(3), default=30, help="HVP budget of the trace estimate")
+    s.add_argument("--trace-matvecs", type=_int_at_least(3), default=_CURVATURE_DEFAULTS.trace_matvecs, help="HVP budget of the trace estimate")
     s.add_argument("--sharded-basis", action="store_true",
                    help="keep the Lanczos basis on the workers, cut by parameter slice (large models)")
     s.add_argument("--address", help="Ray cluster for --workers > 1 (default: a local one)")

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from analyses.curvature.defaults import for_dtype
 from analyses.curvature.lanczos import lanczos
 from analyses.curvature.operator import HessianOperator
 from analyses.curvature.params import ParamSpace
@@ -20,10 +21,25 @@ from pipeline.userfunc import UserSource
 
 
 def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None = None, workers: int = 1,
-                     dtype: str = "float64", tol: float = 1e-6, max_iter: int = 200, seed: int = 0,
-                     address: str | None = None, density: bool = False, density_steps: int = 40,
-                     probes: int = 4, trace: bool = False, trace_matvecs: int = 30,
+                     dtype: str = "float64", tol: float | None = None, max_iter: int | None = None, seed: int = 0,
+                     address: str | None = None, density: bool = False, density_steps: int | None = None,
+                     probes: int | None = None, trace: bool = False, trace_matvecs: int | None = None,
                      sharded_basis: bool = False, overrides=(), method: str = "auto") -> dict:
+    """Defaults (None) come from `analyses.curvature.defaults` for ``dtype``; bad budgets raise ValueError
+    before any model is built."""
+    row = for_dtype(dtype)
+    tol = row.tol if tol is None else tol
+    max_iter = row.max_iter if max_iter is None else max_iter
+    density_steps = row.slq_steps if density_steps is None else density_steps
+    probes = row.slq_probes if probes is None else probes
+    trace_matvecs = row.trace_matvecs if trace_matvecs is None else trace_matvecs
+    wanted = max(top, bottom)
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < max(wanted, 1):
+        raise ValueError(f"max_iter {max_iter!r}: must be an integer >= 1 and >= the {wanted} eigenvalues "
+                         "asked for (m Lanczos steps give only m Ritz values)")
+    if not tol > 0 or tol < row.min_tol:
+        raise ValueError(f"tol {tol!r}: must be >= {row.min_tol:.1e} in {dtype} (4 eps; default {row.tol:.1e})")
+    reason = "per actor"
     if method != "auto" and (workers > 1 or sharded_basis):
         raise ValueError("--method applies in-process; with --workers > 1 each actor measures its own")
     source = UserSource(ref, shards=workers, overrides=tuple(overrides))
@@ -53,8 +69,11 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         op = HessianOperator(model, loss, batches, names=names, dtype=DTYPES[dtype], method=method)
         dim, matvec, matmat = op.dim, op.matvec, op.matmat
         method = op.method + ("+forward_conv" if op.conv == "forward" else "")
+        reason = f"{op.method_reason}; conv {op.conv_reason}"
     out = {"ref": ref, "dim": dim, "dtype": dtype, "workers": workers, "block": block, "method": method,
-           "eigenvalues": [], "residuals": [], "converged": [], "hvps": 0}
+           "method_reason": reason if workers == 1 and not sharded_basis else "per actor",
+           "tol": tol, "max_iter": max_iter,
+           "eigenvalues": [], "residuals": [], "converged": [], "errors": [], "hvps": 0, "all_converged": True}
     try:
         for which, k in (("LA", top), ("SA", bottom)):
             if k <= 0:
@@ -62,11 +81,13 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
             if backend is not None:
                 backend.reset()
             res = lanczos(matvec, dim, k=min(k, dim), which=which, tol=tol, max_iter=min(max_iter, dim),
-                          seed=seed, dtype=torch.float64, backend=backend)
-            key = "eigenvalues" if which == "LA" else "bottom_eigenvalues"
-            out[key] = [float(x) for x in res.eigenvalues]
-            out["residuals" if which == "LA" else "bottom_residuals"] = [float(x) for x in res.residuals]
-            out["converged" if which == "LA" else "bottom_converged"] = [bool(c) for c in res.converged]
+                          seed=seed, dtype=torch.float64, backend=backend, precision=DTYPES[dtype], warn=False)
+            pre = "" if which == "LA" else "bottom_"
+            out[pre + "eigenvalues" if pre else "eigenvalues"] = [float(x) for x in res.eigenvalues]
+            out[pre + "residuals"] = [float(x) for x in res.residuals]
+            out[pre + "converged"] = [bool(c) for c in res.converged]
+            out[pre + "errors"] = [float(x) for x in res.errors]
+            out["all_converged"] &= all(res.converged)
             out["hvps"] += int(res.n_matvec)
         if (density or trace) and backend is not None:
             raise ValueError("--density/--trace run on full vectors; drop --sharded-basis for them")
@@ -96,7 +117,9 @@ def format_spectrum(out: dict) -> str:
     for key, res, label in (("eigenvalues", "residuals", "top"), ("bottom_eigenvalues", "bottom_residuals", "bottom")):
         if out.get(key):
             lines.append(f"{label} eigenvalues:")
-            lines += [f"  {i:>3}  {lam: .10g}   residual {r:.2e}" for i, (lam, r) in enumerate(zip(out[key], out[res]))]
+            conv = out.get("converged" if label == "top" else "bottom_converged", [True] * len(out[key]))
+            lines += [f"  {i:>3}  {lam: .10g}   residual {r:.2e}{'' if c else '   NOT CONVERGED'}"
+                      for i, (lam, r, c) in enumerate(zip(out[key], out[res], conv))]
     if "density" in out:
         d = out["density"]
         nodes, weights = d["nodes"], d["weights"]
@@ -108,6 +131,9 @@ def format_spectrum(out: dict) -> str:
         t = out["trace"]
         se = f" +- {t['std_error']:.3g}" if t["std_error"] is not None else ""
         lines.append(f"trace (Hutch++, {t['hvps']} HVPs): {t['estimate']:.6g}{se}")
+    if not out.get("all_converged", True):
+        lines.append(f"WARNING: not converged within --max-iter {out.get('max_iter')} at --tol {out.get('tol'):.1e}: "
+                     "the values marked NOT CONVERGED are not eigenvalues to that tolerance (raise --max-iter)")
     lines.append(f"{out['hvps']} HVPs in {out['seconds']:.2f}s")
     return "\n".join(lines)
 

@@ -47,18 +47,23 @@ class RunSpec:
     seed: int
 
 
+from analyses.curvature.defaults import TABLE as _CURVATURE_TABLE  # noqa: E402  (torch-free)
+
+_CURVATURE = _CURVATURE_TABLE["float64"]
+
+
 @dataclass(frozen=True)
 class SpectraSpec:
     top_k: int = 5
-    tol: float = 1e-6
-    max_iter: int = 80
+    tol: float = _CURVATURE.tol            # the defaults table's float64 row (analyses/curvature/defaults.py)
+    max_iter: int = _CURVATURE.max_iter
     workers: int = 2
     examples: int = 512
     microbatch: int = 128
     dtype: str = "float64"
     block_top_k: int = 1  # per-block (per-layer) spectra: top eigenvalues of each H_bb; 0 = off
-    density_probes: int = 2   # SLQ spectral density: Rademacher probes per checkpoint; 0 = off
-    density_steps: int = 30   # Lanczos steps per probe (Gauss rule with that many nodes)
+    density_probes: int = _CURVATURE.slq_probes  # SLQ spectral density: Rademacher probes per checkpoint; 0 = off
+    density_steps: int = _CURVATURE.slq_steps    # Lanczos steps per probe (Gauss rule with that many nodes)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,10 @@ class LocalBackend(KrylovBackend):
         self._Q = torch.empty(capacity, dim, dtype=dtype, device=device)
         self._W = torch.empty(capacity, dim, dtype=dtype, device=device)
 
+    def reset(self) -> None:
+        """Forget the basis (the buffers are kept): `lanczos` starts again on the same backend."""
+        self._m = 0
+
     def _c(self, C) -> Tensor:
         return torch.as_tensor(np.asarray(C, dtype=np.float64), device=self.device).to(self.dtype)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from analyses.curvature.backend import LocalBackend
+from analyses.curvature.defaults import for_dtype, product_dtype
 from analyses.curvature.lanczos import tridiagonal_eigh
 
 
@@ -146,12 +147,19 @@ def rademacher_probes(dim: int, probes: int, seed: int, dtype=torch.float64, dev
     return torch.stack(cols, dim=1).to(device=device, dtype=dtype)
 
 
-def slq(matvec: Callable | None, dim: int, steps: int = 80, probes: int = 8, seed: int = 0, dtype=torch.float64,
-        device=None, reorthogonalise: bool = True, matmat: Callable | None = None) -> SLQResult:
-    """``probes`` Rademacher probes, ``steps`` Lanczos steps each.
+def slq(matvec: Callable | None, dim: int, steps: int | None = None, probes: int | None = None, seed: int = 0,
+        dtype=torch.float64, device=None, reorthogonalise: bool = True, matmat: Callable | None = None) -> SLQResult:
+    """``probes`` Rademacher probes, ``steps`` Lanczos steps each (defaults: `analyses.curvature.defaults`,
+    40 × 4).
 
     ``matmat`` (dim × P → dim × P): run the probes in lockstep (`tridiagonals_lockstep`), one product
     of all running probes per step; without it, probe after probe through ``matvec``."""
+    row = for_dtype(product_dtype(matvec if matvec is not None else matmat, dtype))
+    steps = row.slq_steps if steps is None else steps
+    probes = row.slq_probes if probes is None else probes
+    for name, v in (("steps", steps), ("probes", probes)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"slq: {name} must be an integer >= 1, got {v!r}")
     V = rademacher_probes(dim, probes, seed, dtype, device)
     if matmat is not None:
         alphas, betas, n = tridiagonals_lockstep(matmat, V, steps, reorthogonalise)

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from analyses.curvature.defaults import TABLE  # the trace budget is the same in every dtype
+
 
 @dataclass
 class TraceEstimate:
@@ -31,8 +33,16 @@ def _rademacher(dim, k, gen, dtype, device) -> Tensor:
     return (torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
 
 
-def hutchinson(matvec: Callable, dim: int, n_matvec: int = 30, seed: int = 0, dtype=torch.float64,
+def _budget(n_matvec, least: int) -> int:
+    n = TABLE["float64"].trace_matvecs if n_matvec is None else n_matvec
+    if isinstance(n, bool) or int(n) != n or n < least:
+        raise ValueError(f"n_matvec must be an integer >= {least}, got {n!r}")
+    return int(n)
+
+
+def hutchinson(matvec: Callable, dim: int, n_matvec: int | None = None, seed: int = 0, dtype=torch.float64,
                device=None, matmat: Callable | None = None) -> TraceEstimate:
+    n_matvec = _budget(n_matvec, 1)
     gen = torch.Generator().manual_seed(seed)
     Z = _rademacher(dim, n_matvec, gen, dtype, device)
     samples = (Z * _apply(matvec, matmat, Z)).sum(0).double()
@@ -40,11 +50,10 @@ def hutchinson(matvec: Callable, dim: int, n_matvec: int = 30, seed: int = 0, dt
     return TraceEstimate(float(samples.mean()), n_matvec, se)
 
 
-def hutchpp(matvec: Callable, dim: int, n_matvec: int = 30, seed: int = 0, dtype=torch.float64,
+def hutchpp(matvec: Callable, dim: int, n_matvec: int | None = None, seed: int = 0, dtype=torch.float64,
             device=None, matmat: Callable | None = None) -> TraceEstimate:
     """Hutch++ with ``n_matvec`` products: n/3 for the sketch, n/3 for tr(QᵀHQ), the rest for Hutchinson."""
-    if n_matvec < 3:
-        raise ValueError("Hutch++ needs at least 3 matvecs")
+    n_matvec = _budget(n_matvec, 3)  # Hutch++ needs at least 3 matvecs
     gen = torch.Generator().manual_seed(seed)
     k = n_matvec // 3
     Q, _ = torch.linalg.qr(_apply(matvec, matmat, _rademacher(dim, k, gen, dtype, device)))
