@@ -4,7 +4,8 @@ Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERS
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
+SCHEMA_VERSION = 3  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
+#                    3: spectra.hvp_method / hvp_method_reason
 
 # Columns every row carries: the row key (study, run_id, step) and the schema version.
 _KEY = [
@@ -55,6 +56,8 @@ TABLES: dict[str, pa.Schema] = {
         ("n_examples", pa.int64()),
         ("dtype", pa.string()),
         ("seconds", pa.float64()),
+        ("hvp_method", pa.string()),         # how the products were computed (method+conv), per actor if they differ
+        ("hvp_method_reason", pa.string()),  # the rule that chose it (analyses/curvature/operator.py)
     ]),
     "block_spectra": pa.schema(_KEY + [   # per-block Hessians H_bb, one block per module (layer)
         ("block", pa.string()),          # module name owning the block's parameters

@@ -77,6 +77,7 @@ class HessianShardCore:
         self.batches = every[shard::n_shards]
         self.names = names
         self.method = self.conv = "auto"
+        self.method_reason = self.conv_reason = ""
         self.op = None
         self.lock = threading.Lock()  # products may arrive on the channel thread as well as from Ray
 
@@ -97,8 +98,15 @@ class HessianShardCore:
             return ParamSpace(self.model, self.names).dim
         self.op = HessianOperator(self.model, self.loss, self.batches, names=self.names, method=self.method,
                                   dtype=self.dtype, conv=self.conv)
-        self.method, self.conv = self.op.method, self.op.conv  # measured once, then reused for later checkpoints
+        if self.method == "auto":  # chosen once by the operator's rule, then reused for later checkpoints
+            self.method_reason, self.conv_reason = self.op.method_reason, self.op.conv_reason
+        self.method, self.conv = self.op.method, self.op.conv
         return self.op.dim
+
+    def hvp_method(self) -> dict:
+        """How this replica computes its products and why (recorded in the `spectra` rows)."""
+        return {"method": self.method, "conv": self.conv,
+                "reason": f"{self.method_reason}; conv: {self.conv_reason}"}
 
     def sum_matvec(self, v: np.ndarray):
         with self.lock:
@@ -130,6 +138,7 @@ class ShardedHessian:
         self.cpus_per_worker, self.names = cpus_per_worker, names
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
+        self.methods: list[dict] = []  # each actor's hvp_method() after the last load
         self.n_hvp = self.replaced = self.n_examples = 0
         self.use_channel, self.channel = channel and actor_channel.AVAILABLE, None
 
@@ -164,6 +173,7 @@ class ShardedHessian:
         """Give every actor the weights of one checkpoint (None: keep the weights the source built)."""
         self.state = None if state is None else ray.put({k: v.cpu() for k, v in state.items()})
         dims = self._call("load", self.state)
+        self.methods = self._call("hvp_method")
         self.n_hvp = 0
         if self.use_channel and self.channel is None:
             self._open_channel()
@@ -254,6 +264,14 @@ class ShardedHessian:
             ray.kill(a)
 
 
+def hvp_method_columns(pool: ShardedHessian) -> dict:
+    """The products' method (``double_backward_cached+conv=native``) and the rule that chose it, as
+    stored in `spectra`; actors that chose differently (one shard over a cache limit) are all listed."""
+    seen = {(m["method"], m["conv"], m["reason"]) for m in getattr(pool, "methods", None) or []} or {("", "", "")}
+    return {"hvp_method": " | ".join(sorted(f"{m}+conv={c}" for m, c, _ in seen)),
+            "hvp_method_reason": " | ".join(sorted(r for _, _, r in seen))}
+
+
 def spectrum_rows(pool: ShardedHessian, state: dict | None, top_k: int, tol: float, max_iter: int,
                   seed: int = 0, which: str = "LA", rtol: float | None = None):
     """Lanczos on the pool at one checkpoint; returns (spectra rows, lanczos row).
@@ -266,7 +284,7 @@ def spectrum_rows(pool: ShardedHessian, state: dict | None, top_k: int, tol: flo
     seconds = time.perf_counter() - t0
     rows = [{"which": which, "rank": i, "eigenvalue": float(lam), "residual": float(r), "converged": bool(c),
              "hvps": int(res.n_matvec), "iterations": int(res.iterations), "workers": pool.workers,
-             "n_examples": pool.n_examples, "dtype": pool.dtype, "seconds": seconds}
+             "n_examples": pool.n_examples, "dtype": pool.dtype, "seconds": seconds, **hvp_method_columns(pool)}
             for i, (lam, r, c) in enumerate(zip(res.eigenvalues.tolist(), list(res.residuals),
                                                  list(res.converged)))]
     tri = {"which": which, "alphas": [float(a) for a in res.alphas], "betas": [float(b) for b in res.betas],

@@ -49,13 +49,13 @@ class RunSpec:
 
 from analyses.curvature.defaults import TABLE as _CURVATURE_TABLE  # noqa: E402  (torch-free)
 
-_CURVATURE = _CURVATURE_TABLE["float64"]
+_CURVATURE = _CURVATURE_TABLE["float64"]  # budgets are the same in every dtype; tol is the dtype's own
 
 
 @dataclass(frozen=True)
 class SpectraSpec:
     top_k: int = 5
-    tol: float = _CURVATURE.tol            # the defaults table's float64 row (analyses/curvature/defaults.py)
+    tol: float | None = None  # None: sqrt(eps) of `dtype` (analyses/curvature/defaults.py), set on construction
     max_iter: int = _CURVATURE.max_iter
     workers: int = 2
     examples: int = 512
@@ -64,6 +64,10 @@ class SpectraSpec:
     block_top_k: int = 1  # per-block (per-layer) spectra: top eigenvalues of each H_bb; 0 = off
     density_probes: int = _CURVATURE.slq_probes  # SLQ spectral density: Rademacher probes per checkpoint; 0 = off
     density_steps: int = _CURVATURE.slq_steps    # Lanczos steps per probe (Gauss rule with that many nodes)
+
+    def __post_init__(self):
+        if self.tol is None:  # a float32 study gets float32's reachable tolerance, not float64's
+            object.__setattr__(self, "tol", _CURVATURE_TABLE[self.dtype].tol)
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ def parse_study(data: dict, source: str = "") -> Study:
     d = SpectraSpec()
     spectra = SpectraSpec(
         top_k=sp.int("top_k", d.top_k, minimum=1, maximum=10_000),
-        tol=sp.float("tol", d.tol, positive=True, maximum=1.0),
+        tol=sp.float("tol", None, positive=True, maximum=1.0) if "tol" in sp.table else None,
         max_iter=sp.int("max_iter", d.max_iter, minimum=2, maximum=100_000),
         workers=sp.int("workers", d.workers, minimum=1, maximum=max(1, math.ceil(num_cpus)),
                        why=" (ray.num_cpus: each Hessian actor needs a CPU)"),
@@ -227,6 +231,10 @@ def parse_study(data: dict, source: str = "") -> Study:
     sp.done()
     if spectra.max_iter < spectra.top_k:
         raise StudyError("spectra.max_iter: must be >= spectra.top_k")
+    floor = _CURVATURE_TABLE[spectra.dtype].min_tol
+    if spectra.tol < floor:
+        raise StudyError(f"spectra.tol: {spectra.tol:g} is below what {spectra.dtype} products can resolve "
+                         f"(4·eps = {floor:.2g}; default sqrt(eps) = {_CURVATURE_TABLE[spectra.dtype].tol:g})")
     idf = _Fields(top._get("identities", {}, False), "identities")
     di = IdentitiesSpec()
     dtypes = idf._get("dtypes", list(di.dtypes), False)

@@ -45,6 +45,9 @@ def test_all_tables_written_and_queryable(finished):
     assert n == 2 * len(steps) * 3
     _, rows = run_query(results, "select min(hvps), bool_and(converged) from spectra")
     assert rows[0][0] > 0 and rows[0][1]
+    # the products' method and the rule that chose it travel with every row (never a timing)
+    _, rows = run_query(results, "select distinct hvp_method, hvp_method_reason from spectra")
+    assert rows and all(m and "+conv=" in m and r.startswith(("auto:", "given")) for m, r in rows), rows
     assert [s.run_id for s in summary] == ["cnn", "gpt2"] and len(summary[0].top_eigenvalues) == len(steps)
     # one top eigenvalue per layer block per checkpoint; a block's top is at most the full top (Cauchy)
     _, rows = run_query(results, """

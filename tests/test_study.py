@@ -23,6 +23,20 @@ def test_default_study_loads_and_expands():
     assert len(study.hash) == 16 and study.hash == load_study().hash
 
 
+def test_spectra_tolerance_defaults_to_the_dtype_row():
+    """No tol given: sqrt(eps) of spectra.dtype (analyses/curvature/defaults.py), so a float32 study does
+    not inherit float64's unreachable tolerance; a tol given is kept."""
+    from analyses.curvature.defaults import TABLE
+    for dtype in ("float32", "float64"):
+        data = default_data()
+        data["spectra"].pop("tol", None)
+        data["spectra"]["dtype"] = dtype
+        assert parse_study(data).spectra.tol == TABLE[dtype].tol
+    data = default_data()
+    data["spectra"].update(dtype="float32", tol=1e-3)
+    assert parse_study(data).spectra.tol == 1e-3
+
+
 def test_log_spaced_schedule():
     assert log_spaced_steps(300, 6) == (0, 2, 9, 30, 95, 300)
     s = log_spaced_steps(10**5, 12)
@@ -57,6 +71,8 @@ def test_log_spaced_schedule():
     (lambda d: d["ray"].update(num_cpus=1e9), "ray.num_cpus"),
     (lambda d: (d["runs"][0].update(model={"channels": [1, 1], "hidden": 1}),
                 d["spectra"].update(top_k=62, max_iter=100)), "spectra.top_k"),
+    # 1e-8 is reachable in float64 products, not in float32 ones (below 4·eps = 4.8e-7)
+    (lambda d: d["spectra"].update(dtype="float32", tol=1e-8), "spectra.tol"),
 ])
 def test_malformed_field_is_named(mutate, field):
     data = default_data()
