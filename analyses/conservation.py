@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analyses.curvature.functional import named_params, norm
-from analyses.transforms import Continuous, GLFamily, ScaleFamily, TranslationFamily
+from eqlab.analyses.curvature.functional import named_params, norm
+from eqlab.analyses.transforms import Continuous, GLFamily, ScaleFamily, TranslationFamily
 
 
 _ROUNDING = 1e3 * torch.finfo(torch.float64).eps  # float64 rounding of Q over up to ~1e3 summed terms

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.curvature.functional import (forward, loss_function, named_params, norm, value_and_grad,
+from eqlab.analyses.curvature.functional import (forward, loss_function, named_params, norm, value_and_grad,
                                            value_grad_hvp)
-from analyses.transforms import Discrete
+from eqlab.analyses.transforms import Discrete
 
 
 def _full(v, like):

@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from analyses.curvature.functional import (dot, forward, loss_function, named_params, norm, value_and_grad,
+from eqlab.analyses.curvature.functional import (dot, forward, loss_function, named_params, norm, value_and_grad,
                                            value_grad_hvp)
-from analyses.transforms import Continuous, Discrete, GroupElement, Transformation
-from models.losses import logits_of
+from eqlab.analyses.transforms import Continuous, Discrete, GroupElement, Transformation
+from eqlab.models.losses import logits_of
 
 
 def output_tensor(out):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-# run as a file, sys.path[0] is bench/, whose models.py would shadow the project's models package
+# run as a file, sys.path[0] is bench/; the repository root instead makes `bench` importable as a package
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,9 +52,9 @@ def loss(out, _targets):
 
 
 def run_single(iters: int) -> dict:
-    from analyses.curvature.backend import LocalBackend
-    from analyses.curvature.lanczos import lanczos
-    from analyses.curvature.operator import HessianOperator
+    from eqlab.analyses.curvature.backend import LocalBackend
+    from eqlab.analyses.curvature.lanczos import lanczos
+    from eqlab.analyses.curvature.operator import HessianOperator
 
     torch.set_num_threads(1)
     model, L, batches = MiniLMSource(shards=2)(torch.float32)
@@ -64,7 +64,7 @@ def run_single(iters: int) -> dict:
     t0 = time.perf_counter()
     be = LocalBackend(op.dim, op.matvec, dtype=torch.float32, capacity=iters)
     res = lanczos(None, op.dim, k=2, tol=1e-6, max_iter=iters, dtype=torch.float32, backend=be)
-    from pipeline.sharded_basis import memory_mb
+    from eqlab.pipeline.sharded_basis import memory_mb
     return {"config": "single", "memory_end_mb": memory_mb(), "dim": op.dim, "iters": res.n_matvec, "seconds": time.perf_counter() - t0,
             "rss_after_setup_mb": before, "peak_rss_mb": rss_mb(), "eigenvalues": res.eigenvalues.tolist(),
             "residuals": res.residuals}
@@ -73,9 +73,9 @@ def run_single(iters: int) -> dict:
 def run_sharded(iters: int, workers: int, checkpoint: bool) -> dict:
     import ray
 
-    from analyses.curvature.lanczos import lanczos
-    from pipeline.cluster import connect
-    from pipeline.sharded_basis import ShardedBasis, memory_mb
+    from eqlab.analyses.curvature.lanczos import lanczos
+    from eqlab.pipeline.cluster import connect
+    from eqlab.pipeline.sharded_basis import ShardedBasis, memory_mb
 
     torch.set_num_threads(1)
     connect(num_cpus=workers, object_store_mb=3000)

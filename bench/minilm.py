@@ -59,7 +59,7 @@ def main(lib: str):
 
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
     if lib.startswith("eqlab"):
-        from analyses.curvature.operator import HessianOperator
+        from eqlab.analyses.curvature.operator import HessianOperator
         op = HessianOperator(model, loss, (X, y), method={"eqlab_dbl": "double_backward",
                                                           "eqlab_fwd": "forward_over_reverse",
                                                           "eqlab_cached": "double_backward_cached"}[lib])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import build_task
+from eqlab.models import build_task
 
 # Sized so the dense float64 Hessians build in ~2 min on a 2-core machine shared with other jobs.
 CNN_OPTIONS = {"channels": (2, 4), "hidden": 8}

@@ -63,7 +63,7 @@ class Eqlab(Adapter):
 
     def __init__(self, problem, names=None, method="auto", conv="auto"):
         super().__init__(problem, names)
-        from analyses.curvature.operator import HessianOperator
+        from eqlab.analyses.curvature.operator import HessianOperator
         self.op = HessianOperator(self.model, problem.loss, problem.batches, names=names, method=method, conv=conv)
         self.method, self.conv = self.op.method, self.op.conv
 
@@ -72,20 +72,20 @@ class Eqlab(Adapter):
         return self.op.matvec(v)
 
     def topk(self, k=5, tol=1e-8, max_iter=None, seed=0, rtol=None, min_iter=None):
-        from analyses.curvature.lanczos import lanczos
+        from eqlab.analyses.curvature.lanczos import lanczos
         before = self.n_hvp
         res = lanczos(self.matvec, self.dim, k=k, which="LA", tol=tol, max_iter=max_iter, seed=seed,
                       rtol=rtol, min_iter=min_iter)
         return res.eigenvalues.numpy(), self.n_hvp - before, res
 
     def trace(self, n, method="hutch++", seed=0):
-        from analyses.curvature.trace import hutchinson, hutchpp
+        from eqlab.analyses.curvature.trace import hutchinson, hutchpp
         fn = {"hutchinson": hutchinson, "hutch++": hutchpp}[method]
         # matmat batches the probe columns (one forward + first backward per chunk): eqlab's fast path
         return fn(self.matvec, self.dim, n_matvec=n, seed=seed, matmat=self.op.matmat).estimate
 
     def slq(self, steps, probes, seed=0):
-        from analyses.curvature.slq import slq
+        from eqlab.analyses.curvature.slq import slq
         res = slq(self.matvec, self.dim, steps=steps, probes=probes, seed=seed)
         return res.pooled(), res
 

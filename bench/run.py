@@ -54,8 +54,8 @@ def make(lib, problem, **kw):
 def dense_truth(problem):
     """Dense float64 Hessian (eqlab's dense_hessian; forward-over-reverse columns via vmap, the fast
     exact path; torch.func.hessian is NOT used: wrong on BN/LN models in torch 2.13), cached on disk."""
-    from analyses.curvature.dense import dense_hessian
-    from analyses.curvature.operator import HessianOperator
+    from eqlab.analyses.curvature.dense import dense_hessian
+    from eqlab.analyses.curvature.operator import HessianOperator
     cache = HERE / ".venv" / "dense_cache"
     cache.mkdir(parents=True, exist_ok=True)
     key = cache / f"{problem.name}_{problem.n_params()}.pt"
@@ -78,12 +78,12 @@ def dense_truth(problem):
 
 # -- M1 / M2 ---------------------------------------------------------------------------------------
 def m1_m2(problem, H, repeats):
-    from analyses.curvature.conv import count_eligible
+    from eqlab.analyses.curvature.conv import count_eligible
     v64 = torch.randn(problem.n_params(), dtype=F64, generator=torch.Generator().manual_seed(3))
     if H is not None:
         ref = (H @ v64).numpy()
     else:  # 4 unequal batches: the reference is the same function on ONE concatenated batch (BN frozen)
-        from analyses.curvature.operator import HessianOperator
+        from eqlab.analyses.curvature.operator import HessianOperator
         X = torch.cat([b[0] for b in problem.batches]); y = torch.cat([b[1] for b in problem.batches])
         ref = HessianOperator(problem.model, problem.loss, (X, y), method="double_backward").matvec(v64).numpy()
         NOTES.append(f"M2 {problem.name}: reference is eqlab double backward on the single concatenated 1797 batch "
@@ -290,9 +290,9 @@ def m8(problem, matvecs):
     """1 vs 2 Ray actors (1 thread each) on all 1797 digits, eqlab's ShardedHessian."""
     os.environ["PYTHONPATH"] = str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
     from bench.sharding import AllDigitsSource
-    from pipeline.cluster import connect
-    from pipeline.spectra import ShardedHessian
-    from analyses.curvature.operator import HessianOperator
+    from eqlab.pipeline.cluster import connect
+    from eqlab.pipeline.spectra import ShardedHessian
+    from eqlab.analyses.curvature.operator import HessianOperator
     import ray
     connect(num_cpus=2)
     from bench.models import CNN_OPTIONS

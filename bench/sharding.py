@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import build_task
-from pipeline.spectra import FamilySource, microbatches
+from eqlab.models import build_task
+from eqlab.pipeline.spectra import FamilySource, microbatches
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from models.hf_tiny import _eager, last_token_ce
+from eqlab.models.hf_tiny import _eager, last_token_ce
 
 
 def _batch(vocab, seq, n, seed):

@@ -140,7 +140,7 @@ GPT2_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_accurate", "g
 
 FAMILIES: dict[str, Family] = {
     "digits_cnn": Family(
-        "models.digits_cnn:DigitsCNN", "models.digits_cnn:digits_data", "models.losses:cross_entropy", (),
+        "eqlab.models.digits_cnn:DigitsCNN", "eqlab.models.digits_cnn:digits_data", "eqlab.models.losses:cross_entropy", (),
         options={"channels": Option("int_list", minimum=1, maximum=4096, length=2),
                  "hidden": Option("int", minimum=1, maximum=1_000_000),
                  "classes": Option("int", minimum=10, maximum=1_000_000, why="the digits have 10 classes"),
@@ -151,7 +151,7 @@ FAMILIES: dict[str, Family] = {
         defaults={"channels": [8, 16], "hidden": 32, "classes": 10, "bn_eps": 1e-5, "activation": "relu"},
         n_params=_cnn_params),
     "modadd_gpt2": Family(
-        "models.modadd_gpt2:modadd_gpt2", "models.modadd_gpt2:modadd_data", "models.losses:last_token_cross_entropy",
+        "eqlab.models.modadd_gpt2:modadd_gpt2", "eqlab.models.modadd_gpt2:modadd_data", "eqlab.models.losses:last_token_cross_entropy",
         ("p",),
         options={"p": Option("int", minimum=2, maximum=1000, why="the data are all p * p pairs"),
                  "n_embd": Option("int", minimum=1, maximum=16_384),

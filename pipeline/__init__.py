@@ -2,7 +2,7 @@
 
 This is the only package that knows about Ray, disks, Parquet and the command line.
 """
-from pipeline.env import apply_defaults as _apply_env_defaults
+from eqlab.pipeline.env import apply_defaults as _apply_env_defaults
 
 __version__ = "0.1.0"
 

@@ -18,11 +18,11 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.params import ParamSpace
-from pipeline.allocator import keep_freed_memory
-from pipeline.spectra import DTYPES
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.pipeline.allocator import keep_freed_memory
+from eqlab.pipeline.spectra import DTYPES
 
 
 def layer_blocks(model: torch.nn.Module) -> dict[str, list[str]]:

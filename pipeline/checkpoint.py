@@ -25,7 +25,7 @@ def step_dir_name(step: int) -> str:
 
 
 def save(directory: str | Path, model: torch.nn.Module, metrics: dict, optimizer=None, config_hash: str = "") -> None:
-    from pipeline.hashing import file_digest
+    from eqlab.pipeline.hashing import file_digest
 
     d = Path(directory)
     # clone: safetensors refuses tensors that share storage (tied weights, views).
@@ -40,7 +40,7 @@ def save(directory: str | Path, model: torch.nn.Module, metrics: dict, optimizer
 
 def save_divergence(directory: str | Path, step: int, config_hash: str) -> None:
     """A run that diverged at ``step``: reported to Ray Train like a checkpoint so a rerun finds it."""
-    from pipeline.hashing import file_digest
+    from eqlab.pipeline.hashing import file_digest
 
     d = Path(directory)
     (d / f"{DIVERGED}.json").write_text(json.dumps({"step": step}))
@@ -59,7 +59,7 @@ def manifest(directory: str | Path) -> dict:
 
 def verify(directory: str | Path, config_hash: str) -> str | None:
     """Why a checkpoint cannot be trusted for ``config_hash`` (None: every file is whole and matches)."""
-    from pipeline.hashing import file_digest
+    from eqlab.pipeline.hashing import file_digest
 
     d = Path(directory)
     try:

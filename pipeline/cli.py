@@ -68,17 +68,17 @@ def _check_writable(results: Path, flag: str = "--results") -> None:
 
 
 def _run(args) -> int:
-    from pipeline.study import check_local, load_study
+    from eqlab.pipeline.study import check_local, load_study
 
     study = load_study(args.study)  # validates before anything starts or is written (no torch, no Ray)
     if not args.address:
         check_local(study)  # the embedded cluster runs on this machine
     results = Path(args.results) if args.results else Path("results") / study.name
     _check_writable(results)
-    from pipeline.cluster import connect
+    from eqlab.pipeline.cluster import connect
 
     connect(study.num_cpus, address=args.address, dashboard=args.dashboard)  # fails before anything is written
-    from pipeline.runner import print_summary, run_study
+    from eqlab.pipeline.runner import print_summary, run_study
 
     summary = run_study(study, results, address=args.address, dashboard=args.dashboard)
     print_summary(summary)
@@ -87,7 +87,7 @@ def _run(args) -> int:
 
 
 def _query(args) -> int:
-    from pipeline import query as q  # duckdb (and pyarrow for the table names) only
+    from eqlab.pipeline import query as q  # duckdb (and pyarrow for the table names) only
 
     results = Path(args.results) if args.results else Path("results") / "default"
     columns, rows = q.run_query(results, args.sql)
@@ -98,12 +98,12 @@ def _query(args) -> int:
 
 
 def _inspect(args) -> int:
-    from pipeline.userfunc import parse_overrides
+    from eqlab.pipeline.userfunc import parse_overrides
 
     overrides = parse_overrides(args.config)
     results = Path(args.results)
     _check_writable(results)
-    from pipeline import inspect_cmd as ic
+    from eqlab.pipeline import inspect_cmd as ic
 
     rows = ic.inspect_model(args.model, examples=args.examples, overrides=overrides)
     path = ic.write_inspection(rows, results, args.model)
@@ -117,7 +117,7 @@ def _inspect(args) -> int:
 
 def _check_spectrum_model(args, overrides) -> None:
     """Load the user's model once (kept for the command, not built twice) and check the flags against it."""
-    from pipeline.userfunc import UserSource, n_examples, shares_leading_dim
+    from eqlab.pipeline.userfunc import UserSource, n_examples, shares_leading_dim
 
     d = UserSource(args.model, overrides=overrides).preload()
     trainable = [(n, p.numel()) for n, p in d["model"].named_parameters() if p.requires_grad]
@@ -144,7 +144,7 @@ def _check_spectrum_model(args, overrides) -> None:
 
 
 def _spectrum(args) -> int:
-    from pipeline.userfunc import parse_overrides
+    from eqlab.pipeline.userfunc import parse_overrides
 
     if args.method != "auto" and (args.workers > 1 or args.sharded_basis):
         raise UsageError("--method applies in-process; with --workers > 1 each actor measures its own")
@@ -161,7 +161,7 @@ def _spectrum(args) -> int:
         except re.error as e:
             raise UsageError(f"--block {args.block!r}: not a valid regular expression ({e})") from None
     if not args.address:
-        from pipeline.study import local_cpus
+        from eqlab.pipeline.study import local_cpus
 
         cpus = local_cpus()
         if args.workers > cpus:
@@ -170,8 +170,8 @@ def _spectrum(args) -> int:
     overrides = parse_overrides(args.config)
     _check_spectrum_model(args, overrides)
 
-    from pipeline import spectrum_cmd as sc
-    from pipeline.allocator import keep_freed_memory
+    from eqlab.pipeline import spectrum_cmd as sc
+    from eqlab.pipeline.allocator import keep_freed_memory
 
     keep_freed_memory()  # the CLI owns its process: steady, fault-free HVPs (pipeline/allocator.py)
     out = sc.compute_spectrum(args.model, top=args.top, bottom=args.bottom, block=args.block,
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a transformers config field, e.g. num_hidden_layers=1 (repeatable)")
     i.set_defaults(func=_inspect)
 
-    from analyses.curvature.defaults import TABLE  # torch-free: the one defaults table of the engine
+    from eqlab.analyses.curvature.defaults import TABLE  # torch-free: the one defaults table of the engine
     _CURVATURE_DEFAULTS = TABLE["float64"]  # budgets are dtype-independent; --tol None: the dtype's own
     s = sub.add_parser("spectrum", help="top/bottom Hessian eigenvalues of a model (FILE.py:FUNC)")
     s.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
@@ -242,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cluster import ClusterError
-    from pipeline.query import QueryError
-    from pipeline.study import StudyError
-    from pipeline.userfunc import UserModelError
+    from eqlab.pipeline.cluster import ClusterError
+    from eqlab.pipeline.query import QueryError
+    from eqlab.pipeline.study import StudyError
+    from eqlab.pipeline.userfunc import UserModelError
 
     try:
         args = build_parser().parse_args(argv)

@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.env import apply_defaults, worker_env
+from eqlab.pipeline.env import apply_defaults, worker_env
 
 TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # a token the user chose (Ray reads these first)
 

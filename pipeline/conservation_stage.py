@@ -14,13 +14,13 @@ import math
 
 import torch
 
-from analyses.conservation import run_steps
-from analyses.discover import discover
-from analyses.transforms import GLFamily, ScaleFamily, TranslationFamily
-from models import build_task
-from pipeline import checkpoint as ckpt
-from pipeline.study import RunSpec
-from pipeline.train import make_optimizer, minibatch_indices
+from eqlab.analyses.conservation import run_steps
+from eqlab.analyses.discover import discover
+from eqlab.analyses.transforms import GLFamily, ScaleFamily, TranslationFamily
+from eqlab.models import build_task
+from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline.study import RunSpec
+from eqlab.pipeline.train import make_optimizer, minibatch_indices
 
 
 def _conserved(t) -> bool:

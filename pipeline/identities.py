@@ -12,10 +12,10 @@ import signal
 
 import torch
 
-from analyses.discover import discover, negative_controls
-from analyses.identities import check_all
-from models import build_task
-from pipeline import checkpoint as ckpt
+from eqlab.analyses.discover import discover, negative_controls
+from eqlab.analyses.identities import check_all
+from eqlab.models import build_task
+from eqlab.pipeline import checkpoint as ckpt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

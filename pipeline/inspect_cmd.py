@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from analyses.discover import discover
-from pipeline import store
-from pipeline.userfunc import UserSource, input_tensors, n_examples, shares_leading_dim
+from eqlab.analyses.discover import discover
+from eqlab.pipeline import store
+from eqlab.pipeline.userfunc import UserSource, input_tensors, n_examples, shares_leading_dim
 
 TRACE_EXAMPLES = 4  # examples the computation graph is traced on (when the batch can be cut)
 

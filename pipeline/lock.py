@@ -14,7 +14,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.study import StudyError
+from eqlab.pipeline.study import StudyError
 
 LOCK_FILE = ".eqlab.lock"
 

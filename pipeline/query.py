@@ -38,7 +38,7 @@ def _message(e: Exception) -> str:
 def connect(results: Path):
     import duckdb
 
-    from pipeline.schema import TABLES
+    from eqlab.pipeline.schema import TABLES
 
     results = Path(results)
     if not results.exists():

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import ray
 
-from pipeline import checkpoint as ckpt
-from pipeline import store
-from pipeline.cluster import connect
-from pipeline.hashing import config_hash
-from pipeline.lock import results_lock
-from pipeline.block_spectra import BlockSpectraPool
-from pipeline.conservation_stage import conservation_rows
-from pipeline.identities import identity_rows
-from pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
-from pipeline.study import RunSpec, Study
-from pipeline.train import TrainResult, train_hash, train_run
+from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline import store
+from eqlab.pipeline.cluster import connect
+from eqlab.pipeline.hashing import config_hash
+from eqlab.pipeline.lock import results_lock
+from eqlab.pipeline.block_spectra import BlockSpectraPool
+from eqlab.pipeline.conservation_stage import conservation_rows
+from eqlab.pipeline.identities import identity_rows
+from eqlab.pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
+from eqlab.pipeline.study import RunSpec, Study
+from eqlab.pipeline.train import TrainResult, train_hash, train_run
 
 LAW_TOL = 1e-8      # float64 replay of one step: the exact optimizer law holds to rounding
 # identities.verdict values (analyses.identities computes them; the summary only counts them)
@@ -62,7 +62,7 @@ class RunSummary:
 
 
 def _n_params(spec: RunSpec) -> tuple[int, int, int]:
-    from models import build_task
+    from eqlab.models import build_task
 
     task = build_task(spec.family, spec.model, seed=spec.seed)
     return sum(p.numel() for p in task.model.parameters()), len(task.train[1]), len(task.test[1])
@@ -265,7 +265,7 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
 
 def summarize(results: Path, study: Study) -> list[RunSummary]:
     """Read back what the tables say (verdicts included): the summary computes no verdict of its own."""
-    from pipeline.query import run_query
+    from eqlab.pipeline.query import run_query
 
     out = []
     for spec in study.runs:

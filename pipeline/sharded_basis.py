@@ -39,8 +39,8 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from analyses.curvature.backend import KrylovBackend
-from pipeline.spectra import DTYPES, HessianShardCore
+from eqlab.analyses.curvature.backend import KrylovBackend
+from eqlab.pipeline.spectra import DTYPES, HessianShardCore
 
 
 class SliceWorker(HessianShardCore):

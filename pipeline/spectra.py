@@ -23,13 +23,13 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.params import ParamSpace
-from analyses.curvature.slq import slq
-from models import build_task
-from pipeline import actor_channel
-from pipeline.allocator import ONE_ARENA_ENV, keep_freed_memory
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.analyses.curvature.slq import slq
+from eqlab.models import build_task
+from eqlab.pipeline import actor_channel
+from eqlab.pipeline.allocator import ONE_ARENA_ENV, keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -10,14 +10,14 @@ import time
 
 import torch
 
-from analyses.curvature.defaults import for_dtype
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.params import ParamSpace
-from analyses.curvature.slq import slq
-from analyses.curvature.trace import hutchpp
-from pipeline.spectra import DTYPES
-from pipeline.userfunc import UserSource
+from eqlab.analyses.curvature.defaults import for_dtype
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.analyses.curvature.slq import slq
+from eqlab.analyses.curvature.trace import hutchpp
+from eqlab.pipeline.spectra import DTYPES
+from eqlab.pipeline.userfunc import UserSource
 
 
 def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None = None, workers: int = 1,
@@ -49,8 +49,8 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
     pool, backend = None, None
     if sharded_basis:
         # The Krylov basis lives on the actors, cut by parameter slice: no process holds all of it.
-        from pipeline.cluster import connect
-        from pipeline.sharded_basis import ShardedBasis
+        from eqlab.pipeline.cluster import connect
+        from eqlab.pipeline.sharded_basis import ShardedBasis
 
         if workers < 2:
             raise ValueError("--sharded-basis needs --workers >= 2")
@@ -58,8 +58,8 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         backend = pool = ShardedBasis(source, workers, dtype, cpus_per_worker=1.0, names=names)
         dim, matvec, matmat, method = pool.load(None), None, None, "sharded-basis"
     elif workers > 1:
-        from pipeline.cluster import connect
-        from pipeline.spectra import ShardedHessian
+        from eqlab.pipeline.cluster import connect
+        from eqlab.pipeline.spectra import ShardedHessian
 
         connect(num_cpus=workers, address=address)
         pool = ShardedHessian(source, workers, dtype, cpus_per_worker=1.0, names=names)

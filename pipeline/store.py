@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import SCHEMA_VERSION, TABLES
+from eqlab.pipeline.schema import SCHEMA_VERSION, TABLES
 
 RUN_LEVEL = -1  # the `step` of rows that describe a whole run rather than one checkpoint
 

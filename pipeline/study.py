@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from models.registry import FAMILIES, OptionError, validate_options
+from eqlab.models.registry import FAMILIES, OptionError, validate_options
 
 DEFAULT_STUDY = "default.toml"
 OPTIMIZERS = ("sgd", "adam")
@@ -47,7 +47,7 @@ class RunSpec:
     seed: int
 
 
-from analyses.curvature.defaults import TABLE as _CURVATURE_TABLE  # noqa: E402  (torch-free)
+from eqlab.analyses.curvature.defaults import TABLE as _CURVATURE_TABLE  # noqa: E402  (torch-free)
 
 _CURVATURE = _CURVATURE_TABLE["float64"]  # budgets are the same in every dtype; tol is the dtype's own
 
@@ -268,7 +268,7 @@ def parse_study(data: dict, source: str = "") -> Study:
 def load_study(path: str | Path | None = None) -> Study:
     """Load and validate a study file; ``None`` loads the default study shipped with eqlab."""
     if path is None:
-        text = resources.files("pipeline.studies").joinpath(DEFAULT_STUDY).read_text()
+        text = resources.files("eqlab.pipeline.studies").joinpath(DEFAULT_STUDY).read_text()
         source = f"<default study {DEFAULT_STUDY}>"
     else:
         try:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from analyses.curvature import functional as F
-from models import build_task
-from models.losses import accuracy
-from pipeline import checkpoint as ckpt
-from pipeline.hashing import config_hash
-from pipeline.study import RunSpec
+from eqlab.analyses.curvature import functional as F
+from eqlab.models import build_task
+from eqlab.models.losses import accuracy
+from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline.hashing import config_hash
+from eqlab.pipeline.study import RunSpec
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
 
@@ -236,8 +236,8 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
 
     TorchTrainer = _interruptible(RayTorchTrainer)
 
-    from pipeline.cluster import train_backend_config
-    from pipeline.env import worker_env
+    from eqlab.pipeline.cluster import train_backend_config
+    from eqlab.pipeline.env import worker_env
 
     storage = Path(storage).resolve()
     run_dir = storage / spec.run_id

@@ -191,7 +191,7 @@ def check_contract(out, label: str) -> None:
 def _mean_square_output(outputs, targets):
     """Loss for a headless encoder: half the mean squared final hidden state (written out so both
     double backward and forward-over-reverse work)."""
-    from models.losses import logits_of
+    from eqlab.models.losses import logits_of
 
     h = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else logits_of(outputs)
     return 0.5 * h.pow(2).mean()
@@ -200,7 +200,7 @@ def _mean_square_output(outputs, targets):
 def _token_ce(outputs, targets):
     import torch
 
-    from models.losses import logits_of
+    from eqlab.models.losses import logits_of
 
     logits = logits_of(outputs)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -310,7 +310,7 @@ class UserSource:
         y = cast(y)
         if self.shards <= 1:
             return model, d["loss"], [(X, y)]  # the batch as the user gave it
-        from pipeline.spectra import microbatches
+        from eqlab.pipeline.spectra import microbatches
 
         if not shares_leading_dim((X, y)):
             raise UserModelError(f"{self.ref}: to split the batch over {self.shards} workers, inputs and targets "

@@ -6,14 +6,14 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported anywhere
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pipeline  # noqa: E402,F401  (applies the rest of eqlab's Ray environment defaults)
+import eqlab.pipeline  # noqa: E402,F401  (applies the rest of eqlab's Ray environment defaults)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    from pipeline.cluster import connect
+    from eqlab.pipeline.cluster import connect
 
     resources = connect(num_cpus=2)
     node_ips = {n["NodeManagerAddress"] for n in ray.nodes()}

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import actor_channel
-from pipeline.actor_channel import ChannelClient, ChannelLost, serve
+from eqlab.pipeline import actor_channel
+from eqlab.pipeline.actor_channel import ChannelClient, ChannelLost, serve
 
 pytestmark = pytest.mark.skipif(not actor_channel.AVAILABLE, reason="no Unix sockets on this platform")
 
@@ -30,7 +30,7 @@ class Shard:
 
 
 def test_round_trip_is_exact_for_vectors_and_blocks_and_leaves_no_socket_file():
-    from pipeline.spectra import ShardedHessian  # (not at module level: the spawned server below stays light)
+    from eqlab.pipeline.spectra import ShardedHessian  # (not at module level: the spawned server below stays light)
 
     paths = [serve(Shard(2.0, 7)), serve(Shard(-0.5, 3))]
     client = ChannelClient(paths)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
-from pipeline.study import local_cpus
+from eqlab.pipeline import cli
+from eqlab.pipeline.study import local_cpus
 
 # --- helpers ------------------------------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ def toml_dumps(data: dict) -> str:
 
 
 def default_study() -> dict:
-    return tomllib.loads(resources.files("pipeline.studies").joinpath("default.toml").read_text())
+    return tomllib.loads(resources.files("eqlab.pipeline.studies").joinpath("default.toml").read_text())
 
 
 def tree(root: Path) -> dict:
@@ -400,7 +400,7 @@ def test_query_still_answers_selects(tmp_path, capsys):
 
 def test_registry_matches_builders_without_torch_at_import():
     """Declared defaults equal the builders' own; the parameter formula equals the built models'."""
-    code = ("import sys, models.registry as r, pipeline.study, pipeline.cli, pipeline.query, pipeline.userfunc; "
+    code = ("import sys, eqlab, eqlab.models.registry as r, eqlab.pipeline.study, eqlab.pipeline.cli, eqlab.pipeline.query, eqlab.pipeline.userfunc; "
             "print(sorted(m for m in ('torch', 'ray', 'transformers', 'duckdb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -410,7 +410,7 @@ def test_registry_matches_builders_without_torch_at_import():
     import torch
     from transformers.activations import ACT2CLS
 
-    from models.registry import FAMILIES, GPT2_ACTIVATIONS, build_task, validate_options
+    from eqlab.models.registry import FAMILIES, GPT2_ACTIVATIONS, build_task, validate_options
 
     assert set(GPT2_ACTIVATIONS) <= set(ACT2CLS)
     for name, fam in FAMILIES.items():
@@ -427,7 +427,7 @@ def test_registry_matches_builders_without_torch_at_import():
 
 def _console(*args, cwd):
     exe = Path(sys.executable).with_name("eqlab")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "eqlab.pipeline.cli"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300, cwd=cwd)
     return proc, time.perf_counter() - t0

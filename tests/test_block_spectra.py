@@ -2,13 +2,13 @@
 import numpy as np
 import torch
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.params import ParamSpace
-from analyses.identities import chain_length, rounding_bound, unit_roundoff
-from models import build_task
-from pipeline.block_spectra import assign, block_spectra, layer_blocks
-from pipeline.spectra import FamilySource, hessian_batches
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.analyses.identities import chain_length, rounding_bound, unit_roundoff
+from eqlab.models import build_task
+from eqlab.pipeline.block_spectra import assign, block_spectra, layer_blocks
+from eqlab.pipeline.spectra import FamilySource, hessian_batches
 
 CNN = {"channels": [2, 3], "hidden": 6, "bn_eps": 1e-12}
 SOURCE = FamilySource("digits_cnn", CNN, 0, 64, 32)

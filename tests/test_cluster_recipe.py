@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import store
+from eqlab.pipeline import store
 from tiny_study import tiny_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_joins_a_head_registered_under_another_address(tmp_path, node_ip):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_AUTH_MODE="disabled")
-    probe = ("import ray, time; t = time.time(); from pipeline.cluster import connect; "
+    probe = ("import ray, time; t = time.time(); from eqlab.pipeline.cluster import connect; "
              f"connect(address='{node_ip}:{port}'); "
              "print('joined', sorted(n['NodeManagerAddress'] for n in ray.nodes()), round(time.time() - t, 1))")
     try:

@@ -4,12 +4,12 @@ import copy
 import pytest
 import torch
 
-from analyses import conservation as C
-from analyses.discover import discover, negative_controls
-from analyses.transforms import ScaleFamily
-from models import build_task, hf_tiny
-from models.losses import cross_entropy
-from models.toy_mlp import MLP, toy_batch
+from eqlab.analyses import conservation as C
+from eqlab.analyses.discover import discover, negative_controls
+from eqlab.analyses.transforms import ScaleFamily
+from eqlab.models import build_task, hf_tiny
+from eqlab.models.losses import cross_entropy
+from eqlab.models.toy_mlp import MLP, toy_batch
 
 torch.set_num_threads(1)
 

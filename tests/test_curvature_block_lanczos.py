@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.backend import LocalBackend
-from analyses.curvature.block_lanczos import block_lanczos
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from models.toy_mlp import MLP
+from eqlab.analyses.curvature.backend import LocalBackend
+from eqlab.analyses.curvature.block_lanczos import block_lanczos
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.models.toy_mlp import MLP
 
 F64 = torch.float64
 torch.set_num_threads(1)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.curvature.cached import CachedGraph
-from analyses.curvature.operator import CACHED, HessianOperator
+from eqlab.analyses.curvature.cached import CachedGraph
+from eqlab.analyses.curvature.operator import CACHED, HessianOperator
 from test_curvature_operator import Noisy, mlp_with_unused, reference_hessian, rel, tiny_cnn, tiny_gpt2
 
 F64 = torch.float64

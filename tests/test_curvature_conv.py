@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from analyses.curvature import conv as fc
-from analyses.curvature.operator import CACHED, HessianOperator
+from eqlab.analyses.curvature import conv as fc
+from eqlab.analyses.curvature.operator import CACHED, HessianOperator
 from test_curvature_operator import reference_hessian, rel, tiny_cnn
 
 F64 = torch.float64
@@ -81,7 +81,7 @@ def test_auto_is_a_rule_and_ineligible_convs_stay_native():
 def test_keep_freed_memory_applies_once_in_its_own_process():
     """The setting is process-wide, so it is applied in a fresh interpreter; its effect on page faults
     and product times is measured by the benchmark (M8), not asserted here."""
-    code = ("import torch; from pipeline.allocator import keep_freed_memory as k; a = k(); b = k(); "
+    code = ("import torch; from eqlab.pipeline.allocator import keep_freed_memory as k; a = k(); b = k(); "
             "x = torch.randn(1 << 20); print(a, b, float((x - x).abs().max()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     import platform

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from models import build_task
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.models import build_task
 
 F64 = torch.float64
 torch.set_num_threads(1)  # tiny problems: extra threads only contend on the shared 2-core machine

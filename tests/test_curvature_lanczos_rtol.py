@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
 from test_curvature_operator import reference_hessian, tiny_cnn
 
 F64 = torch.float64

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.defaults import TABLE, for_dtype
-from analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.defaults import TABLE, for_dtype
+from eqlab.analyses.curvature.lanczos import lanczos
 
 F64 = torch.float64
 torch.set_num_threads(1)

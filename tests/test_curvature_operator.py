@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.params import ParamSpace
-from models import build_task
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.models import build_task
 
 F64 = torch.float64
 torch.set_num_threads(1)  # tiny problems: extra threads only contend on the shared 2-core machine

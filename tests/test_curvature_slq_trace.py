@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.slq import gauss_quadrature, slq, tridiagonal, tridiagonals_lockstep
-from analyses.curvature.trace import hutchinson, hutchpp
-from models import build_task
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.slq import gauss_quadrature, slq, tridiagonal, tridiagonals_lockstep
+from eqlab.analyses.curvature.trace import hutchinson, hutchpp
+from eqlab.models import build_task
 
 F64 = torch.float64
 torch.set_num_threads(1)  # tiny problems: extra threads only contend on the shared 2-core machine

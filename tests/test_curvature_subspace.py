@@ -3,12 +3,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from analyses.curvature.subspace import EigenspaceOperator, signed_permutation
-from analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
-from analyses.transforms import Permutation
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.subspace import EigenspaceOperator, signed_permutation
+from eqlab.analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
+from eqlab.analyses.transforms import Permutation
 
 U64 = unit_roundoff(torch.float64)
 TOL = 1e-10

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-import models
-from analyses.discover import discover, negative_controls
-from analyses.identities import check_all, rejected
+from eqlab import models
+
+from eqlab.analyses.discover import discover, negative_controls
+from eqlab.analyses.identities import check_all, rejected
 
 N = 16
 

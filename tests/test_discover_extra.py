@@ -1,12 +1,13 @@
 """Discovery of the second tier: residual-stream LN scale/translation, homogeneity, sign flips, and controls."""
 import torch
 
-import models
-from analyses.discover import discover
-from analyses.identities import check_all, rejected
-from analyses.transforms import ScaleFamily, SignFlip, Transformation
-from models.losses import cross_entropy, squared_error
-from models.toy_mlp import MLP, toy_batch
+from eqlab import models
+
+from eqlab.analyses.discover import discover
+from eqlab.analyses.identities import check_all, rejected
+from eqlab.analyses.transforms import ScaleFamily, SignFlip, Transformation
+from eqlab.models.losses import cross_entropy, squared_error
+from eqlab.models.toy_mlp import MLP, toy_batch
 
 N = 16
 

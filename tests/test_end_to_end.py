@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from pipeline import store
-from pipeline.query import run_query
-from pipeline.runner import run_study
-from pipeline.study import parse_study
+from eqlab.pipeline import store
+from eqlab.pipeline.query import run_query
+from eqlab.pipeline.runner import run_study
+from eqlab.pipeline.study import parse_study
 
 STUDY = {
     "study": {"name": "e2e", "seed": 0},
@@ -62,7 +62,7 @@ def test_density_tridiagonals_stored_and_bounded_by_the_spectrum(finished):
     """Gauss nodes are Ritz values of H: all ≤ λ1 (interlacing), and the largest is close to λ1."""
     import numpy as np
 
-    from analyses.curvature.slq import SLQResult, gauss_quadrature
+    from eqlab.analyses.curvature.slq import SLQResult, gauss_quadrature
 
     study, results, _ = finished
     steps = study.runs[0].checkpoint_steps
@@ -131,6 +131,6 @@ def test_rerun_resumes_without_duplicates(finished):
 
 def test_cli_query_csv_and_json(finished):
     _, results, _ = finished
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "query", "--results", str(results), "--format",
+    out = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "query", "--results", str(results), "--format",
                           "csv", "select count(*) as n from spectra"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[0] == "n" and int(out.stdout.splitlines()[1]) > 0

@@ -1,11 +1,11 @@
 """Fixed points of discrete symmetries (R10): dead tanh units and coincident units, with perturbation controls."""
 import torch
 
-from analyses.discover import discover
-from analyses.fixed_points import dead_unit_spectrum, involution_check, to_fixed_point
-from analyses.identities import chain_length, rounding_bound, unit_roundoff
-from models.losses import cross_entropy
-from models.toy_mlp import MLP, toy_batch
+from eqlab.analyses.discover import discover
+from eqlab.analyses.fixed_points import dead_unit_spectrum, involution_check, to_fixed_point
+from eqlab.analyses.identities import chain_length, rounding_bound, unit_roundoff
+from eqlab.models.losses import cross_entropy
+from eqlab.models.toy_mlp import MLP, toy_batch
 
 
 def _tanh_mlp():

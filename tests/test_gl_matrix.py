@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from analyses.discover import discover
-from analyses.curvature.functional import loss_function, named_params, value_and_grad
-from analyses.identities import _block_cols, chain_length, gl_matrix_check, rounding_bound
-from analyses.transforms import GLFamily
-from models import hf_tiny
+from eqlab.analyses.discover import discover
+from eqlab.analyses.curvature.functional import loss_function, named_params, value_and_grad
+from eqlab.analyses.identities import _block_cols, chain_length, gl_matrix_check, rounding_bound
+from eqlab.analyses.transforms import GLFamily
+from eqlab.models import hf_tiny
 
 
 

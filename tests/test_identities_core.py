@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from analyses.identities import PASSES, check_all, gamma, rejected, unit_roundoff
-from analyses.transforms import (GroupElement, Permutation, ScaleFamily, Transformation, TranslationFamily)
-from models.losses import cross_entropy
+from eqlab import models
+
+from eqlab.analyses.identities import PASSES, check_all, gamma, rejected, unit_roundoff
+from eqlab.analyses.transforms import (GroupElement, Permutation, ScaleFamily, Transformation, TranslationFamily)
+from eqlab.models.losses import cross_entropy
 
 N = 24  # examples: small enough that one HVP of the CNN is milliseconds
 

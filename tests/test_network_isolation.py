@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from pipeline.cluster import ClusterError, _address_host, _is_loopback, check_token_destination
+from eqlab.pipeline.cluster import ClusterError, _address_host, _is_loopback, check_token_destination
 
 
 class Sockets(threading.Thread):
@@ -48,9 +48,9 @@ class Sockets(threading.Thread):
 
 
 def test_training_and_actor_pool_listen_on_loopback_only(ray_cluster, tmp_path):
-    from pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
-    from pipeline.study import parse_study
-    from pipeline.train import train_run
+    from eqlab.pipeline.spectra import FamilySource, ShardedHessian, spectrum_rows
+    from eqlab.pipeline.study import parse_study
+    from eqlab.pipeline.train import train_run
 
     spec = parse_study({"runs": [{
         "name": "net2", "family": "modadd_gpt2", "model": {"p": 5, "n_embd": 8, "n_head": 2},
@@ -136,7 +136,7 @@ def test_train_config_is_importable_by_reference():
     """Ray pickles the backend config to the controller: the classes must resolve as module attributes."""
     import pickle
 
-    from pipeline import cluster
+    from eqlab.pipeline import cluster
 
     cfg = cluster.train_backend_config()
     assert type(pickle.loads(pickle.dumps(cfg))) is type(cfg) is cluster.BoundStoreTorchConfig

@@ -3,12 +3,12 @@ import copy
 
 import torch
 
-from analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
-from analyses.predictions import dense_at
-from analyses.predictions.congruence import block_congruence, linear_ln_checks
-from models.losses import cross_entropy, squared_error
-from models.toy_mlp import toy_batch
-from models.toy_norm import NormMLP, TinyAttention
+from eqlab.analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
+from eqlab.analyses.predictions import dense_at
+from eqlab.analyses.predictions.congruence import block_congruence, linear_ln_checks
+from eqlab.models.losses import cross_entropy, squared_error
+from eqlab.models.toy_mlp import toy_batch
+from eqlab.models.toy_norm import NormMLP, TinyAttention
 
 S = ["fc1.weight", "fc1.bias"]
 U = unit_roundoff(torch.float64)

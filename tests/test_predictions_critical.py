@@ -3,14 +3,14 @@ import copy
 
 import torch
 
-from analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
-from analyses.predictions import dense_at, to_critical_point
-from analyses.predictions.critical import (gl_modes, gl_step_law, permutation_point, radial_sharpness, split_unit,
+from eqlab.analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
+from eqlab.analyses.predictions import dense_at, to_critical_point
+from eqlab.analyses.predictions.critical import (gl_modes, gl_step_law, permutation_point, radial_sharpness, split_unit,
                                            wd_eigenvector, wd_radial)
-from analyses.transforms import GLFamily, ScaleFamily
-from models.losses import cross_entropy, squared_error
-from models.toy_mlp import MLP, toy_batch
-from models.toy_norm import Factorised, NormMLP, TinyAttention
+from eqlab.analyses.transforms import GLFamily, ScaleFamily
+from eqlab.models.losses import cross_entropy, squared_error
+from eqlab.models.toy_mlp import MLP, toy_batch
+from eqlab.models.toy_norm import Factorised, NormMLP, TinyAttention
 
 GAMMA = 1e-2
 U = unit_roundoff(torch.float64)

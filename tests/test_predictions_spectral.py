@@ -1,16 +1,16 @@
 """Rows 12, 13, 15, 16: exact spectral consequences at every θ, each with a control that must fail."""
 import torch
 
-from analyses.discover import discover, negative_controls
-from analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
-from analyses.predictions import dense_at
-from analyses.predictions._common import generator, grad_dict, with_params
-from analyses.predictions.spectral import (_matrix_of, alignment, discrete_spectrum, indefiniteness,
+from eqlab.analyses.discover import discover, negative_controls
+from eqlab.analyses.identities import chain_length, gamma, rounding_bound, unit_roundoff
+from eqlab.analyses.predictions import dense_at
+from eqlab.analyses.predictions._common import generator, grad_dict, with_params
+from eqlab.analyses.predictions.spectral import (_matrix_of, alignment, discrete_spectrum, indefiniteness,
                                            scale_invariant_sums, zero_modes)
-from analyses.transforms import GroupElement, Permutation, ScaleFamily
-from models.losses import cross_entropy
-from models.toy_mlp import MLP, toy_batch
-from models.toy_norm import NormMLP
+from eqlab.analyses.transforms import GroupElement, Permutation, ScaleFamily
+from eqlab.models.losses import cross_entropy
+from eqlab.models.toy_mlp import MLP, toy_batch
+from eqlab.models.toy_norm import NormMLP
 
 S = ["fc1.weight", "fc1.bias"]
 U = unit_roundoff(torch.float64)

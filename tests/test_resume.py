@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import checkpoint as ckpt
-from pipeline import store
-from pipeline.lock import ResultsInUse, results_lock
-from pipeline.query import run_query
-from pipeline.runner import run_study
-from pipeline.study import parse_study
+from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline import store
+from eqlab.pipeline.lock import ResultsInUse, results_lock
+from eqlab.pipeline.query import run_query
+from eqlab.pipeline.runner import run_study
+from eqlab.pipeline.study import parse_study
 
 TINY = {
     "study": {"name": "resume", "seed": 0},
@@ -124,7 +124,7 @@ def test_second_process_on_one_results_folder_is_refused(tmp_path):
         with pytest.raises(ResultsInUse, match="in use by another eqlab process"):
             with results_lock(tmp_path):
                 pass
-        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--results", str(tmp_path)],
+        out = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", "--results", str(tmp_path)],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "in use by another eqlab process" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -157,7 +157,7 @@ _DRIVER = """
 import sys, copy
 sys.path.insert(0, {tests!r})
 from test_resume import study_with
-from pipeline.runner import run_study
+from eqlab.pipeline.runner import run_study
 run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), {results!r}, log=print)
 """
 
@@ -189,7 +189,7 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(ray_cluster, t
 def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT):
     """Start the tiny study in its own process group, signal the group (SIGINT: as a terminal's Ctrl-C)
     once ``ready()`` holds, and return (exit status, stderr, seconds from the signal to exit)."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
+    cmd = [sys.executable, "-m", "eqlab.pipeline.cli", "run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
     proc = subprocess.Popen(cmd, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -5,12 +5,12 @@ import pytest
 import ray
 import torch
 
-from analyses.curvature.block_lanczos import block_lanczos
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from models import build_task
-from pipeline.sharded_basis import ShardedBasis
-from pipeline.spectra import FamilySource, hessian_batches
+from eqlab.analyses.curvature.block_lanczos import block_lanczos
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.models import build_task
+from eqlab.pipeline.sharded_basis import ShardedBasis
+from eqlab.pipeline.spectra import FamilySource, hessian_batches
 
 CNN = {"channels": [2, 3], "hidden": 6, "bn_eps": 1e-12}
 EXAMPLES, MICRO = 80, 32

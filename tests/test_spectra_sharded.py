@@ -7,10 +7,10 @@ import pytest
 import ray
 import torch
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.operator import HessianOperator
-from models import build_task
-from pipeline.spectra import FamilySource, ShardedHessian, hessian_batches, spectrum_rows
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.models import build_task
+from eqlab.pipeline.spectra import FamilySource, ShardedHessian, hessian_batches, spectrum_rows
 
 CNN = {"channels": [2, 3], "hidden": 6, "bn_eps": 1e-12}
 EXAMPLES, MICRO = 80, 32  # three unequal micro-batches (32, 32, 16) over two actors (64 vs 16 examples)

@@ -4,8 +4,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import query, store
-from pipeline.schema import SCHEMA_VERSION
+from eqlab.pipeline import query, store
+from eqlab.pipeline.schema import SCHEMA_VERSION
 
 
 def spectra_row(lam, rank=0):

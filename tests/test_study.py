@@ -6,11 +6,11 @@ from importlib import resources
 
 import pytest
 
-from pipeline.study import StudyError, load_study, log_spaced_steps, parse_study
+from eqlab.pipeline.study import StudyError, load_study, log_spaced_steps, parse_study
 
 
 def default_data():
-    return tomllib.loads(resources.files("pipeline.studies").joinpath("default.toml").read_text())
+    return tomllib.loads(resources.files("eqlab.pipeline.studies").joinpath("default.toml").read_text())
 
 
 def test_default_study_loads_and_expands():
@@ -26,7 +26,7 @@ def test_default_study_loads_and_expands():
 def test_spectra_tolerance_defaults_to_the_dtype_row():
     """No tol given: sqrt(eps) of spectra.dtype (analyses/curvature/defaults.py), so a float32 study does
     not inherit float64's unreachable tolerance; a tol given is kept."""
-    from analyses.curvature.defaults import TABLE
+    from eqlab.analyses.curvature.defaults import TABLE
     for dtype in ("float32", "float64"):
         data = default_data()
         data["spectra"].pop("tol", None)
@@ -84,10 +84,10 @@ def test_malformed_field_is_named(mutate, field):
 
 def test_cli_rejects_bad_study_without_traceback_or_output(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(resources.files("pipeline.studies").joinpath("default.toml").read_text()
+    bad.write_text(resources.files("eqlab.pipeline.studies").joinpath("default.toml").read_text()
                    .replace('optimizer = "sgd"', 'optimizer = "sgdd"'))
     out_dir = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad), "--results", str(out_dir)],
+    proc = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", str(bad), "--results", str(out_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["eqlab: error: runs[0].optimizer: must be one of sgd, adam (got 'sgdd')"]
@@ -96,7 +96,7 @@ def test_cli_rejects_bad_study_without_traceback_or_output(tmp_path):
 
 
 def test_derived_seeds_stay_in_range():
-    from pipeline.study import MAX_STEPS, SEED_LIMIT
+    from eqlab.pipeline.study import MAX_STEPS, SEED_LIMIT
 
     data = default_data()
     data["study"]["seed"] = SEED_LIMIT - 1
@@ -109,7 +109,7 @@ def test_derived_seeds_stay_in_range():
 def test_cli_rejects_invalid_toml(tmp_path):
     bad = tmp_path / "broken.toml"
     bad.write_text("[study\nname = 1\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -120,7 +120,7 @@ def test_cli_unreachable_cluster_is_one_line_and_fast(tmp_path):
     with socket.socket() as s:  # a loopback port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--address", f"127.0.0.1:{port}",
+    proc = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", "--address", f"127.0.0.1:{port}",
                            "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no Ray cluster answers at 127.0.0.1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()

@@ -1,9 +1,9 @@
 """Ray Train: checkpoints land on the schedule, and 2 DDP workers train exactly like 1 worker."""
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline.study import parse_study
-from pipeline.train import train_run
+from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline.study import parse_study
+from eqlab.pipeline.train import train_run
 
 
 def spec(workers: int):

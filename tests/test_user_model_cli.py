@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.operator import HessianOperator
-from pipeline.spectrum_cmd import compute_spectrum
-from pipeline.userfunc import UserSource
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.pipeline.spectrum_cmd import compute_spectrum
+from eqlab.pipeline.userfunc import UserSource
 
 USER_FILE = textwrap.dedent('''
     import torch
@@ -40,7 +40,7 @@ def user_file(tmp_path_factory):
 
 
 def eqlab(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def dense_spectrum(ref):
@@ -171,7 +171,7 @@ TOKEN_FILE = textwrap.dedent('''
 
 def test_inspect_and_spectrum_use_a_token_level_batch_as_given(tmp_path, capsys):
     """Targets of (batch * tokens) beside inputs of (batch, tokens): nothing is cut by the first dimension."""
-    from pipeline.cli import main
+    from eqlab.pipeline.cli import main
 
     (tmp_path / "tok.py").write_text(TOKEN_FILE)
     ref = f"{tmp_path / 'tok.py'}:make"

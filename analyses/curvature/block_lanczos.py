@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analyses.curvature.backend import KrylovBackend, LocalBackend
-from analyses.curvature.lanczos import LanczosResult, _select, next_seed
+from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend
+from eqlab.analyses.curvature.lanczos import LanczosResult, _select, next_seed
 
 
 @dataclass

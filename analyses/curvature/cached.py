@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from analyses.curvature.functional import ParamDict
+from eqlab.analyses.curvature.functional import ParamDict
 
 
 def watched_tensors(model: nn.Module, params: Mapping[str, Tensor]) -> list[Tensor]:

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from analyses.curvature.functional import ParamDict, _fill, _leaves, value_grad_hvp
+from eqlab.analyses.curvature.functional import ParamDict, _fill, _leaves, value_grad_hvp
 
 
 def hvp_double_backward(L: Callable, params: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> ParamDict:

@@ -62,8 +62,8 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.linalg.lapack import dstev
 from torch import Tensor
 
-from analyses.curvature.backend import KrylovBackend, LocalBackend
-from analyses.curvature.defaults import as_dtype, for_dtype, product_dtype
+from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend
+from eqlab.analyses.curvature.defaults import as_dtype, for_dtype, product_dtype
 
 
 @dataclass

@@ -33,11 +33,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from analyses.curvature.cached import CachedGraph, fingerprint, watched_tensors
-from analyses.curvature.conv import count_eligible, use_forward_convs
-from analyses.curvature.functional import batch_size, loss_function, value_and_grad
-from analyses.curvature.hvp import HVP, HVPS
-from analyses.curvature.params import ParamSpace
+from eqlab.analyses.curvature.cached import CachedGraph, fingerprint, watched_tensors
+from eqlab.analyses.curvature.conv import count_eligible, use_forward_convs
+from eqlab.analyses.curvature.functional import batch_size, loss_function, value_and_grad
+from eqlab.analyses.curvature.hvp import HVP, HVPS
+from eqlab.analyses.curvature.params import ParamSpace
 
 CACHED = "double_backward_cached"
 COMPILED = "compiled"  # opt-in only: forward-over-reverse under torch.compile (compiled.py)
@@ -291,7 +291,7 @@ class HessianOperator:
             return self._graph(i).hvp(vd)
         if self.method == COMPILED:
             if self._compiled[i] is None:  # compiled lazily, once per batch (tens of seconds: compiled.py)
-                from analyses.curvature.compiled import CompiledHVP
+                from eqlab.analyses.curvature.compiled import CompiledHVP
                 self._compiled[i] = CompiledHVP(self._L[i])
             return self._compiled[i](self.params, vd)
         return HVP[self.method](self._L[i], self.params, vd)

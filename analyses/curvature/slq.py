@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from analyses.curvature.backend import LocalBackend
-from analyses.curvature.defaults import for_dtype, product_dtype
-from analyses.curvature.lanczos import tridiagonal_eigh
+from eqlab.analyses.curvature.backend import LocalBackend
+from eqlab.analyses.curvature.defaults import for_dtype, product_dtype
+from eqlab.analyses.curvature.lanczos import tridiagonal_eigh
 
 
 def gauss_quadrature(alphas, betas) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from analyses.curvature.params import ParamSpace
+from eqlab.analyses.curvature.params import ParamSpace
 
 
 def signed_permutation(space: ParamSpace, transform) -> tuple[Tensor, Tensor]:

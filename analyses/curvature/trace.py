@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from analyses.curvature.defaults import TABLE  # the trace budget is the same in every dtype
+from eqlab.analyses.curvature.defaults import TABLE  # the trace budget is the same in every dtype
 
 
 @dataclass

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.discover import attention, gated, homogeneity, residual
-from analyses.discover.graph import trace
-from analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
+from eqlab.analyses.discover import attention, gated, homogeneity, residual
+from eqlab.analyses.discover.graph import trace
+from eqlab.analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
                                         rescales, sign_flips, softmax_translations,
                                         unused_parameters)
-from analyses.curvature.operator import active_dropout
-from analyses.identities import check_all
-from analyses.transforms import Transformation
+from eqlab.analyses.curvature.operator import active_dropout
+from eqlab.analyses.identities import check_all
+from eqlab.analyses.transforms import Transformation
 
 __all__ = ["Discovery", "Found", "discover", "negative_controls", "candidates"]
 

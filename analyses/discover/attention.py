@@ -8,10 +8,10 @@ The V side: the matmul of that softmax's output with another projected tensor, w
 """
 from __future__ import annotations
 
-from analyses.discover.graph import Graph, axis_labels
-from analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
-from analyses.discover.ops import affine, shared_caveats
-from analyses.transforms import GLFamily, TranslationFamily
+from eqlab.analyses.discover.graph import Graph, axis_labels
+from eqlab.analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
+from eqlab.analyses.discover.ops import affine, shared_caveats
+from eqlab.analyses.transforms import GLFamily, TranslationFamily
 
 _MASKING = {"add", "mul", "div", "__add__", "__mul__", "__truediv__", "masked_fill", "where", "type", "to"}
 
@@ -49,7 +49,7 @@ def axis_labels_nd(chain, origin_shape, axis):
     """Labels (origin index along ``axis``) of the chain's end as a full tensor, or None when mixed."""
     import torch
 
-    from analyses.discover.graph import propagate
+    from eqlab.analyses.discover.graph import propagate
 
     n = origin_shape[axis]
     vec = torch.arange(n, dtype=torch.float64)
@@ -92,8 +92,8 @@ def _rotary_qk(graph: Graph, q, kt, sm):
     """Q/K through a measured linear region: the commutant family (and the full GL it breaks)."""
     import torch
 
-    from analyses.discover import commutant as cm
-    from analyses.transforms import SubGLFamily
+    from eqlab.analyses.discover import commutant as cm
+    from eqlab.analyses.transforms import SubGLFamily
 
     aq, rq = cm.linear_origin(graph, q)
     ak, rk = cm.linear_origin(graph, kt)
@@ -229,7 +229,7 @@ def _value_output(graph: Graph, sm, heads_q):
         return None
     import torch
 
-    from analyses.discover.graph import propagate
+    from eqlab.analyses.discover.graph import propagate
 
     n_flat = o.shape[-1]
     # label o's entries by the V feature they carry: heads from the batch/head axes, features from the last
@@ -265,7 +265,7 @@ def _value_output(graph: Graph, sm, heads_q):
 def _head_swap(graph: Graph, affs, heads_q, heads_k):
     """Swap key/value head 0 with 1 together with the query heads reading them (pairwise, in order) and
     their output-projection slices; with a single key/value head, swap its first two query heads."""
-    from analyses.transforms import Permutation
+    from eqlab.analyses.transforms import Permutation
 
     aq, ak, av, ao, heads_v, o_cols = affs
     groups = _groups_by(heads_k)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from analyses.discover.norms import _aliases, _param_dependent, _replay
-from analyses.discover.ops import affine
+from eqlab.analyses.discover.norms import _aliases, _param_dependent, _replay
+from eqlab.analyses.discover.ops import affine
 
 
 def linear_origin(graph, t):

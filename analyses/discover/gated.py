@@ -9,11 +9,11 @@ the readers' columns) is exact whatever σ is.
 """
 from __future__ import annotations
 
-from analyses.discover.graph import Graph
-from analyses.discover.ops import ELEMENTWISE_ACT, HOMOGENEOUS_ACT, labels_out
-from analyses.discover.patterns import (Candidate, Pair, Reader, _groups, _linear_readers, _pair_name,
+from eqlab.analyses.discover.graph import Graph
+from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, HOMOGENEOUS_ACT, labels_out
+from eqlab.analyses.discover.patterns import (Candidate, Pair, Reader, _groups, _linear_readers, _pair_name,
                                         _producer_affine, _rescale_generators, _shape)
-from analyses.transforms import Permutation, ScaleFamily, SignFlip
+from eqlab.analyses.transforms import Permutation, ScaleFamily, SignFlip
 
 _MUL = {"mul", "__mul__", "__rmul__"}
 

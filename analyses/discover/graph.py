@@ -19,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from analyses.discover.ops import ELEMENTWISE_ACT
+from eqlab.analyses.discover.ops import ELEMENTWISE_ACT
 
 # Ops that only move, select or (positively, uniformly) rescale entries: features keep their identity.
 STRUCTURAL = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "split",
@@ -260,12 +260,12 @@ def trace(model: torch.nn.Module, loss, batch) -> Graph:
                 b.copy_(saved[n])
     names = {id(p): n for n, p in model.named_parameters()}
     graph = Graph(rec.ops, names)
-    from analyses.discover.norms import fuse_norms
+    from eqlab.analyses.discover.norms import fuse_norms
 
     fused = fuse_norms(graph)  # normalisations written as several ops -> one rms_norm / layer_norm op
     if fused is not graph.ops:
         graph = Graph(fused, names)
-    from analyses.identities import output_tensor
+    from eqlab.analyses.identities import output_tensor
 
     graph.output = output_tensor(out)  # the model output f (for equivariance)
     graph.loss_value = value             # the scalar loss (for what reaches it)

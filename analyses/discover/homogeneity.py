@@ -9,10 +9,10 @@ Groups: all parameters, and the parameters of each linear map.
 """
 from __future__ import annotations
 
-from analyses.discover.graph import Graph
-from analyses.discover.ops import HOMOGENEOUS_ACT, LINEAR_OPS, affine
-from analyses.discover.patterns import Candidate
-from analyses.transforms import ScaleFamily
+from eqlab.analyses.discover.graph import Graph
+from eqlab.analyses.discover.ops import HOMOGENEOUS_ACT, LINEAR_OPS, affine
+from eqlab.analyses.discover.patterns import Candidate
+from eqlab.analyses.transforms import ScaleFamily
 
 _ADD = {"add", "sub", "__add__", "__sub__", "__radd__"}
 _MUL = {"mul", "__mul__", "__rmul__"}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from analyses.discover.ops import ELEMENTWISE_MATH
+from eqlab.analyses.discover.ops import ELEMENTWISE_MATH
 
 _REDUCE = {"mean", "sum", "norm", "vector_norm", "linalg_vector_norm", "var", "std"}
 _CAST = {"to", "type", "float", "double"}
@@ -130,7 +130,7 @@ def _param_operand(graph, op, t, shape):
 
 
 def _fused_op(graph, ops, x, y, mean_free, eps):
-    from analyses.discover.graph import Op
+    from eqlab.analyses.discover.graph import Op
 
     D = x.shape[-1]
     used, w, b, out = list(ops), None, None, y

@@ -115,7 +115,7 @@ def shared_caveats(graph, a: Affine) -> list[str]:
 
 def labels_out(graph, a: Affine, chain, end_axis):
     """Producer feature index carried at each position of ``end_axis`` of the end of ``chain``."""
-    from analyses.discover.graph import axis_labels
+    from eqlab.analyses.discover.graph import axis_labels
 
     out = a.op.outputs[0]
     return axis_labels(chain, tuple(out.shape), out.dim() + _neg(a.out_axis, out.dim()), end_axis)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.discover.graph import Graph, axis_labels
-from analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, HOMOGENEOUS_ACT, LINEAR_OPS, NORM_OPS, ODD_ACT, Affine,
+from eqlab.analyses.discover.graph import Graph, axis_labels
+from eqlab.analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, HOMOGENEOUS_ACT, LINEAR_OPS, NORM_OPS, ODD_ACT, Affine,
                                    affine, labels_out, shared_caveats)
-from analyses.transforms import Permutation, ScaleFamily, SignFlip, Transformation, TranslationFamily
+from eqlab.analyses.transforms import Permutation, ScaleFamily, SignFlip, Transformation, TranslationFamily
 
 
 @dataclass

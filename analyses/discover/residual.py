@@ -9,10 +9,10 @@ a reader outside (post-LN blocks, where the stream also feeds a sublayer directl
 """
 from __future__ import annotations
 
-from analyses.discover.graph import Graph
-from analyses.discover.ops import affine, shared_caveats
-from analyses.discover.patterns import Candidate, _shape, _short
-from analyses.transforms import ScaleFamily, TranslationFamily
+from eqlab.analyses.discover.graph import Graph
+from eqlab.analyses.discover.ops import affine, shared_caveats
+from eqlab.analyses.discover.patterns import Candidate, _shape, _short
+from eqlab.analyses.transforms import ScaleFamily, TranslationFamily
 
 _ADD = {"add", "__add__", "__radd__"}
 _NORMS = ("layer_norm", "rms_norm")  # rms_norm: no mean subtraction, so the stream has no translation

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from analyses.curvature.dense import dense_hessian
-from analyses.curvature.functional import loss_function, named_params, value_and_grad
-from analyses.curvature.operator import HessianOperator
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.functional import loss_function, named_params, value_and_grad
+from eqlab.analyses.curvature.operator import HessianOperator
 
 _TINY = 1e-300
 

@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from analyses.curvature.lanczos import lanczos
-from analyses.curvature.operator import HessianOperator
-from analyses.identities import check_all
-from analyses.predictions._common import Prediction, dense_at, rel, with_params
-from analyses.transforms import ScaleFamily, TranslationFamily
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.identities import check_all
+from eqlab.analyses.predictions._common import Prediction, dense_at, rel, with_params
+from eqlab.analyses.transforms import ScaleFamily, TranslationFamily
 
 
 def _lanczos_max(model, loss, batch, names) -> float:

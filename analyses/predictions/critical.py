@@ -22,8 +22,8 @@ import copy
 
 import torch
 
-from analyses.conservation import run_steps
-from analyses.predictions._common import Prediction, _TINY, dense_at, generator, grad_dict, rel
+from eqlab.analyses.conservation import run_steps
+from eqlab.analyses.predictions._common import Prediction, _TINY, dense_at, generator, grad_dict, rel
 
 
 def _theta(model):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from analyses.curvature.lanczos import lanczos
-from analyses.predictions._common import (Prediction, _TINY, basis_coeffs, dense_at, generator, grad_dict, rel,
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.predictions._common import (Prediction, _TINY, basis_coeffs, dense_at, generator, grad_dict, rel,
                                           with_params)
-from analyses.transforms import Continuous, Discrete
+from eqlab.analyses.transforms import Continuous, Discrete
 
 
 # --------------------------------------------------------------------------------------------- row 15

@@ -15,9 +15,9 @@ A *slice* is (param, dim, index): the positions ``index`` along axis ``dim`` of 
 the other axes (dim=None: the whole tensor). Conventions follow the tensors as stored: nn.Linear weights are
 (out, in), transformers' Conv1D weights are (in, out).
 """
-from analyses.transforms.base import ParamDict, Transformation
-from analyses.transforms.continuous import Continuous, GLFamily, ScaleFamily, SubGLFamily, TranslationFamily
-from analyses.transforms.discrete import Discrete, GroupElement, LinearMap, Permutation, SignFlip
+from eqlab.analyses.transforms.base import ParamDict, Transformation
+from eqlab.analyses.transforms.continuous import Continuous, GLFamily, ScaleFamily, SubGLFamily, TranslationFamily
+from eqlab.analyses.transforms.discrete import Discrete, GroupElement, LinearMap, Permutation, SignFlip
 
 __all__ = ["ParamDict", "Transformation", "Continuous", "GLFamily", "ScaleFamily", "SubGLFamily", "TranslationFamily",
            "Discrete", "GroupElement", "LinearMap", "Permutation", "SignFlip"]

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from analyses.transforms.base import Transformation, _idx, _register, _vec_along
-from analyses.transforms.continuous import Continuous
+from eqlab.analyses.transforms.base import Transformation, _idx, _register, _vec_along
+from eqlab.analyses.transforms.continuous import Continuous
 
 
 # ----------------------------------------------------------------------------------------------- discrete
