@@ -40,10 +40,14 @@ import torch
 from torch import Tensor
 
 from eqlab.analyses.curvature.functional import named_params, norm
+from eqlab.analyses.identities import chain_length, gamma, unit_roundoff
 from eqlab.analyses.transforms import Continuous, GLFamily, ScaleFamily, TranslationFamily
 
-
-_ROUNDING = 1e3 * torch.finfo(torch.float64).eps  # float64 rounding of Q over up to ~1e3 summed terms
+# Verdicts of one replayed step (stored in the `conservation` table): the law holds / is violated beyond
+# the rounding level of the compared terms; not_discriminating: a generic first-order change of this step
+# is itself below that level, so a broken law would not show; no_law: the optimizer has none (Adam).
+VERDICTS = ("holds", "violated", "not_discriminating", "no_law")
+PASSES = 2  # the gradient's backward pass, then the step and the Q sums (each a γ_n-bounded pass)
 
 # ------------------------------------------------------------------------------------------- the forms
 def _slice(x: Tensor, d, i):
@@ -139,11 +143,36 @@ class Step:
     grad_term: Tensor        # Q(g_t) (quadratic) or ⟨v, g_t⟩ (translation): the η² coefficient of SGD
     lr: float
     scale: float             # a generic first-order change of the same step: η‖u‖‖ξ_1(θ)‖
-    theta_norm: float = 0.0  # ‖θ_P‖ on the family's parameters: bounds the terms Q sums (rounding floor)
+    theta_norm: float = 0.0  # ‖θ_P‖ on the family's parameters
+    rounding: float = 0.0    # rounding level of ‖measured − predicted change‖ (`rounding_level`)
+    rounding_reason: str = ""
 
     @property
     def change(self) -> Tensor:
         return self.after - self.before
+
+    @property
+    def error(self) -> float:
+        """‖measured − predicted change‖ (NaN without a law)."""
+        if self.predicted is None:
+            return math.nan
+        return float(torch.linalg.vector_norm(self.change - (self.predicted - self.before)))
+
+    def _denominator(self) -> float:
+        return float(torch.linalg.vector_norm(self.predicted - self.before)) + self.scale + self.rounding
+
+    @property
+    def tolerance(self) -> float:
+        """The rounding level in the units of ``residual``."""
+        return math.nan if self.predicted is None else self.rounding / max(self._denominator(), _TINY)
+
+    @property
+    def verdict(self) -> str:
+        if self.predicted is None:
+            return "no_law"
+        if self.scale <= self.rounding:
+            return "not_discriminating"
+        return "holds" if self.error <= self.rounding else "violated"
 
     @property
     def relative(self) -> float:
@@ -153,17 +182,43 @@ class Step:
 
     @property
     def residual(self) -> float:
-        """‖measured − predicted change‖ / (‖predicted change‖ + generic scale); NaN without a law."""
-        if self.predicted is None:
-            return math.nan
-        pc = self.predicted - self.before
-        # Q is a sum of terms θ_iθ_j (quadratic) or v_iθ_i (translation) that can cancel, so it is computed
-        # with rounding ~ eps·Σ|terms| ≤ eps·(‖θ_P‖² + √n‖θ_P‖), not eps·‖Q‖. A change below that floor is no
-        # change: without it an exactly conserved Q with a zero gradient (a bias before BN) reads 1e-17/1e-17.
-        t = self.theta_norm
-        floor = _ROUNDING * (float(torch.linalg.vector_norm(self.before) + torch.linalg.vector_norm(self.after))
-                             + t * t + math.sqrt(self.before.numel()) * t)
-        return float(torch.linalg.vector_norm(self.change - pc) / (torch.linalg.vector_norm(pc) + self.scale + floor))
+        """‖measured − predicted change‖ / (‖predicted change‖ + generic scale + rounding level); NaN without
+        a law. The rounding level in the denominator keeps an exactly conserved Q with a zero gradient (a
+        bias before BN: 1e-17/1e-17) from reading O(1)."""
+        return math.nan if self.predicted is None else self.error / max(self._denominator(), _TINY)
+
+
+_TINY = 1e-300
+
+
+def rounding_level(t: Continuous, theta, theta_after, u_step, g_all: float, lr: float, a: float,
+                   n: int, unit: float) -> tuple[float, str]:
+    """PASSES·γ_n(u)·R: the worst-case rounding of ‖measured − predicted ΔQ‖ (the model of
+    `analyses.identities`: a pass of n-term sums, n = 2d + inputs + outputs, leaves γ_n(u) relative to the
+    magnitudes summed). R bounds Σ|terms| of everything the comparison computes:
+      quadratic Q = B(θ, θ): Σ|x_i y_i| ≤ w‖x‖‖y‖ (w: block width of a GL family, max|coefficient| of a
+      scale family), over Q(θ), Q(θ'), the dropped cross term aη[B(θ, u) + B(u, θ)] (zero by the symmetry,
+      computed to within the gradient's rounding: magnitude 2|a|η‖θ_P‖(‖u_P‖ + ‖g‖), ‖g‖ the full gradient
+      as in the order-1 identity) and η²Q(u);
+      linear Q_k = ⟨v_k, θ⟩: Σ_k ‖v_k‖‖x‖ ≤ √K‖ξ_1‖‖x‖ (ξ_1 = Σ_k v_k, disjoint supports).
+    The optimizer's own rounding of θ' (a few ops per coordinate, relative u each) is inside the ‖θ'‖² term."""
+    P = t.params
+    th, tha = float(norm({n_: theta[n_] for n_ in P})), float(norm({n_: theta_after[n_] for n_ in P}))
+    un = float(norm({n_: u_step[n_] for n_ in P}))
+    if is_quadratic(t):
+        if isinstance(t, GLFamily):
+            w = max(len(b[0][2]) for b in t.blocks)
+        else:
+            w = max(abs(float(k)) for gen in t.generators for *_, k in gen)
+        R = w * (th * th + tha * tha + 2 * abs(a) * lr * th * (un + g_all) + lr * lr * un * un)
+        what = f"w = {w:g}, ‖θ_P‖ = {th:.3g}, ‖θ'_P‖ = {tha:.3g}, η‖u_P‖ = {lr * un:.3g}, η‖g‖ = {lr * g_all:.3g}"
+    else:
+        c = torch.ones(t.n_generators, dtype=torch.float64)
+        xi1 = float(norm(t.xi({n_: theta[n_] for n_ in P}, c)))
+        R = math.sqrt(t.n_generators) * xi1 * (th + tha + lr * (un + g_all))
+        what = f"K = {t.n_generators}, ‖ξ_1‖ = {xi1:.3g}, ‖θ_P‖ = {th:.3g}, η(‖u_P‖ + ‖g‖) = {lr * (un + g_all):.3g}"
+    level = PASSES * gamma(n, unit) * R
+    return level, f"{PASSES}·γ_n(u)·R = {level:.3g}: n = {n} (2d + inputs + outputs), u = {unit:.3g}, R = {R:.3g} ({what})"
 
 
 def _grads(model, loss, batch) -> dict:
@@ -190,13 +245,15 @@ def run_steps(model, loss, batch, t: Continuous, optimizer: torch.optim.Optimize
     decay). The model must be float64 for the prediction to be meaningful to ~1e-12."""
     name_of = {p: n for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
+    n_chain = chain_length(model, batch)
+    unit = unit_roundoff(next(iter(params.values())).dtype)
     out = []
     for _ in range(steps):
         g = _grads(model, loss, batch)
         theta = named_params(model)
         theta = {n: x.clone() for n, x in theta.items()}
         before = quantity(t, theta)
-        pred, u, lr = None, g, optimizer.param_groups[0]["lr"]
+        pred, u, lr, a = None, g, optimizer.param_groups[0]["lr"], 1.0
         if type(optimizer) is torch.optim.SGD:
             group = next(gr for gr in optimizer.param_groups if any(name_of[p] in t.params for p in gr["params"]))
             if not {id(params[n]) for n in t.params} <= {id(p) for p in group["params"]}:
@@ -209,10 +266,13 @@ def run_steps(model, loss, batch, t: Continuous, optimizer: torch.optim.Optimize
             u = {n: c_g * g[n] + (c_b * buf[n] if has else 0.0) for n in t.params}
             lr = group["lr"]
         optimizer.step()
-        after = quantity(t, named_params(model))
+        theta_after = {n: x.detach().clone() for n, x in named_params(model).items()}
+        after = quantity(t, theta_after)
         gt = bilinear(t, g, g) if is_quadratic(t) else linear(t, g)
-        out.append(Step(before, after, pred, gt, lr, _ones_scale(t, theta, u, lr, float(norm(g))),
-                        float(norm({n: theta[n] for n in t.params}))))
+        g_all = float(norm(g))
+        level, why = rounding_level(t, theta, theta_after, u, g_all, lr, a, n_chain, unit)
+        out.append(Step(before, after, pred, gt, lr, _ones_scale(t, theta, u, lr, g_all),
+                        float(norm({n: theta[n] for n in t.params})), level, why))
     return out
 
 

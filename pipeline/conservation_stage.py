@@ -61,5 +61,6 @@ def conservation_rows(spec: dict, checkpoint_dir: str, verify_examples: int = 32
                      "n_quantities": int(s.before.numel()), "q_norm": float(torch.linalg.vector_norm(s.before)),
                      "change": change, "predicted_change": math.nan if predicted is None else predicted,
                      "residual": s.residual, "drift_per_lr": change / run.lr,
-                     "eta2_term": float(run.lr ** 2 * torch.linalg.vector_norm(s.grad_term))})
+                     "eta2_term": float(run.lr ** 2 * torch.linalg.vector_norm(s.grad_term)),
+                     "tolerance": s.tolerance, "verdict": s.verdict, "tolerance_reason": s.rounding_reason})
     return rows

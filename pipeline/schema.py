@@ -5,7 +5,8 @@ Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERS
 import pyarrow as pa
 
 SCHEMA_VERSION = 3  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
-#                    3: spectra.hvp_method / hvp_method_reason
+#                    3: spectra.hvp_method / hvp_method_reason; conservation.tolerance / verdict /
+#                       tolerance_reason
 
 # Columns every row carries: the row key (study, run_id, step) and the schema version.
 _KEY = [
@@ -115,9 +116,12 @@ TABLES: dict[str, pa.Schema] = {
         ("q_norm", pa.float64()),        # ||Q(theta_t)||
         ("change", pa.float64()),        # ||Q(theta_{t+1}) - Q(theta_t)||, measured
         ("predicted_change", pa.float64()),  # the exact law's change (NaN: the optimizer has no law, e.g. Adam)
-        ("residual", pa.float64()),      # ||measured - predicted change|| / (||predicted|| + generic first-order scale)
+        ("residual", pa.float64()),      # ||measured - predicted change|| / (||predicted|| + generic scale + rounding)
         ("drift_per_lr", pa.float64()),  # change / lr: O(1) for Adam, O(lr) for SGD
         ("eta2_term", pa.float64()),     # ||lr^2 Q(g)||: SGD's whole change without momentum or decay
+        ("tolerance", pa.float64()),     # the rounding level of the comparison, in residual's units
+        ("verdict", pa.string()),        # holds | violated | not_discriminating | no_law (analyses.conservation)
+        ("tolerance_reason", pa.string()),  # the rounding argument with its numbers
     ]),
     "inspections": pa.schema(_KEY + [   # written by `eqlab inspect` (study "inspect", step -1)
         ("name", pa.string()),

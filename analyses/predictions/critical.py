@@ -110,7 +110,10 @@ def gl_step_law(model, loss, batch, t, lr: float, steps: int = 3, optimizer: str
     meas, pred = first.change / lr ** 2, first.grad_term
     res = max(s.residual for s in st) if optimizer == "sgd" else float("nan")
     return Prediction("8", "Delta Q / eta^2 vs Q(g)", float(meas.norm()), float(pred.norm()), rel(meas, pred),
-                      details={"law_residual": res, "lr": lr, "drift_over_eta": float(first.change.norm()) / lr})
+                      details={"law_residual": res, "lr": lr, "drift_over_eta": float(first.change.norm()) / lr,
+                               # per step: holds / violated against its rounding level (analyses.conservation)
+                               "law_verdicts": [s.verdict for s in st],
+                               "law_tolerance": max(s.tolerance for s in st) if optimizer == "sgd" else float("nan")})
 
 
 # --------------------------------------------------------------------------------------------- row 9c
