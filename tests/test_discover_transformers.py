@@ -108,7 +108,11 @@ def test_bert_sequence_classifier():
 def test_bert_headless_with_unused_pooler():
     model, loss, batch = hf_tiny.bert_headless()
     d = discover(model, loss, batch)
-    _check_verified(d)
+    broken = _check_verified(d, {"ln_residual_scale"})
+    # BERT's eps = 1e-12 on an embedding stream of Var ~ 1e-3: the measured residual is under the rounding
+    # bound, but the predicted eps/Var ~ 1e-9 is far above float64 rounding of the norm: approximate (eps)
+    (s,) = broken["ln_residual_scale"]
+    assert s.verdict == "approximate" and s.cause == "eps" and "eps=1e-12" in s.reason, s.as_row()
     fam = d.families()
     assert fam["qk_gl"] == H * DH ** 2 and fam["vo_gl"] == H * DH ** 2
     assert "softmax_translation" not in fam and "tanh_rescale" not in fam
@@ -119,7 +123,11 @@ def test_bert_headless_with_unused_pooler():
 def test_vit_classifier():
     model, loss, batch = hf_tiny.vit()
     d = discover(model, loss, batch)
-    _check_verified(d)
+    broken = _check_verified(d, {"ln_residual_scale"})
+    (s,) = broken["ln_residual_scale"]          # ViT's eps = 1e-12: approximate (eps), as for BERT
+    assert s.verdict == "approximate" and s.cause == "eps", s.as_row()
+    # image inputs are floating: every exact finding was also checked with the pixels x3
+    assert all(f.residual_x3 == f.residual_x3 for f in d.found if f.verified)
     fam = d.families()
     assert fam["qk_gl"] == H * DH ** 2 and fam["vo_gl"] == H * DH ** 2
     assert fam["softmax_translation"] == D + 1
@@ -130,7 +138,7 @@ def test_vit_classifier():
     assert {"q_proj", "k_proj", "v_proj"} <= {p.split(".")[-2] for p in qkv.params}
     # pre-LN stream written by the class token, the position embeddings (bare parameters), the patch conv,
     # o_proj and fc2: translations 1 + 5 + (D + 1) + (D + 1) + (2D + 1)
-    assert fam["ln_residual_scale"] == 1
+    assert d.families(verified_only=False)["ln_residual_scale"] == 1
     assert fam["ln_residual_translation"] == 1 + 5 + 3 * (D + 1) + D
     # ViT's eager attention evaluates its softmax in float32 whatever the model dtype: said, and the rounding
     # bound counts those float32 ops

@@ -8,7 +8,8 @@ The V side: the matmul of that softmax's output with another projected tensor, w
 """
 from __future__ import annotations
 
-from eqlab.analyses.discover.graph import Graph, axis_labels
+from eqlab.analyses.discover.explain import reject
+from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
 from eqlab.analyses.discover.ops import affine, shared_caveats
 from eqlab.analyses.transforms import GLFamily, TranslationFamily
@@ -17,19 +18,22 @@ _MASKING = {"add", "mul", "div", "__add__", "__mul__", "__truediv__", "masked_fi
 
 
 def _to_softmax(graph: Graph, t):
-    """Follow t through scalings/masks (no parameters) to a softmax over the last axis."""
+    """Follow t through scalings/masks (no parameters) to a softmax over the last axis: (softmax op, why
+    not "" ) or (None, why not)."""
     for _ in range(8):
         cons = graph.consumers(t)
         if len(cons) != 1:
-            return None
+            return None, f"the product is read by {len(cons)} ops, not one softmax path"
         op, pos = cons[0]
         if op.name == "softmax":
             dim = op.arg(1, "dim", -1)
-            return op if dim % t.dim() == t.dim() - 1 else None
+            return (op, "") if dim % t.dim() == t.dim() - 1 else (None, "the softmax is not over the key axis")
         if op.name not in _MASKING or graph.has_param_input(op):
-            return None
+            return None, (f"between the scores and a softmax sits {op.name}"
+                          + (" with a parameter (a learned score bias or softcap)" if graph.has_param_input(op) else
+                             ", which is not a scaling or additive mask"))
         t = op.outputs[0]
-    return None
+    return None, "no softmax within 8 ops of the product"
 
 
 def _precision_caveats(sm) -> list:
@@ -57,7 +61,7 @@ def axis_labels_nd(chain, origin_shape, axis):
     shape[axis] = n
     try:
         out = propagate(chain, vec.reshape(shape).expand(*origin_shape).contiguous())
-    except Exception:  # noqa: BLE001
+    except (RuntimeError, ValueError, IndexError, TypeError):  # an op that cannot be replayed on labels
         return None
     if not torch.equal(out, torch.round(out)):
         return None
@@ -95,17 +99,20 @@ def _rotary_qk(graph: Graph, q, kt, sm):
     from eqlab.analyses.discover import commutant as cm
     from eqlab.analyses.transforms import SubGLFamily
 
+    site = f"attention scores at op {sm.index}"
     aq, rq = cm.linear_origin(graph, q)
     ak, rk = cm.linear_origin(graph, kt)
     if aq is None or ak is None:
-        return None
+        return reject(site, "qk_gl", "Q/K: the queries or keys are not a projection followed by parameter-free "
+                      "ops (e.g. a per-head QK norm with a gain sits in between)")
     Jq, Jk = cm.feature_maps(aq, rq, q), cm.feature_maps(ak, rk, kt, transpose=True)
     if Jq is None or Jk is None or Jq.shape[2] != Jk.shape[2]:
-        return None
+        return reject(site, "qk_gl", "Q/K: the region between the projections and the scores is not linear and "
+                      "token-local, or query and key head counts differ")
     sq, sk = cm.head_supports(Jq), cm.head_supports(Jk)
     m = len(sq[0])
     if any(len(x) != m for x in sq + sk):
-        return None
+        return reject(site, "qk_gl", "Q/K: heads read different numbers of projection features")
     blocks, basis, moving = [], None, False
     for hk, hs in _groups_by(sk):
         As = []
@@ -115,8 +122,8 @@ def _rotary_qk(graph: Graph, q, kt, sm):
             As.append(A)
             moving |= bool((A - A[:1]).abs().max() > 1e-12 * A.abs().max())
         b_ = cm.pair_basis(torch.cat(As), m)
-        if basis is not None and b_ != basis:
-            return None  # different heads keep different subalgebras: not one family (not seen yet)
+        if basis is not None and b_ != basis:  # not one family (not seen yet)
+            return reject(site, "qk_commutant", "Q/K: different heads keep different subalgebras")
         basis = b_
         b = []
         for h in hs:
@@ -140,6 +147,8 @@ def _rotary_qk(graph: Graph, q, kt, sm):
 
 
 def attention_groups(graph: Graph) -> list:
+    """Q/K, V/O and head-permutation candidates of every attention block: each side is found on its own,
+    so a Q/K path the finder cannot read (a QK norm) does not hide the V/O change of basis."""
     out = []
     for op in graph.ops_named("matmul"):
         P = op.tensor_positions()
@@ -148,85 +157,136 @@ def attention_groups(graph: Graph) -> list:
         q, kt = op.leaves[P[0]], op.leaves[P[1]]
         if q.dim() < 3 or graph.param(q) or graph.param(kt):
             continue
-        sm = _to_softmax(graph, op.outputs[0])
+        sm, why = _to_softmax(graph, op.outputs[0])
         if sm is None:
+            if graph.has_param_input(op) is False and _is_projected(graph, q) and _is_projected(graph, kt):
+                reject(f"matmul at op {op.index}", "qk_gl", f"not read as attention scores: {why}")
             continue
-        aq, cq = _producer_affine(graph, q)
-        ak, ck = _producer_affine(graph, kt)
-        if aq is None or ak is None or aq.w_out is None or ak.w_out is None:
-            found = _rotary_qk(graph, q, kt, sm)   # a linear but position-dependent region (RoPE)
-            if found is None:
-                continue
-            cands, (aq, ak, heads_q, heads_k) = found
-            out += cands
-        else:
-            lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
-                axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
-            if lq is None or lk is None:
-                continue
-            heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
-            heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
-            if not heads_q or not heads_k or len(heads_q) != len(heads_k):
-                continue
-            cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
-            cav += _precision_caveats(sm)
-            blocks = []
-            for hk, hs in _groups_by(heads_k):   # query heads sharing a key head share one M (GQA)
-                b = []
-                for h in hs:
-                    b += [[aq.weight, aq.w_out, heads_q[h], "M"]] + ([[aq.bias, 0, heads_q[h], "M"]] if aq.bias else [])
-                b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
-                blocks.append(b)
-            where = _short(aq.weight)
-            out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav))
-            if ak.bias is not None:  # adding δ to the key bias shifts every score of a query by q·δ
-                cols = sorted({c for h in heads_k for c in h})
-                tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
-                                       [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
-                out.append(Candidate(tf, _precision_caveats(sm)))
+        qk, heads_q, heads_k, aq, ak = _query_key(graph, op, q, kt, sm)
+        out += qk
         vo = _value_output(graph, sm, heads_q)
-        if vo is not None:
-            out.append(vo)
-            out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k)
+        if vo is None:
+            continue
+        out.append(vo)
+        if heads_q is None or aq is None:
+            heads_q, heads_k, aq, ak = _heads_through_norms(graph, q, kt, vo)
+        if heads_q is None:
+            reject(f"attention scores at op {sm.index}", "head_permutation",
+                   "the query/key head layout could not be read (labels do not pass the Q/K path)")
+            continue
+        out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k)
     return out
+
+
+def _qk_norm(graph: Graph, q, kt, sm) -> list:
+    from eqlab.analyses.discover.qk_norm import qk_norm_candidates
+
+    return qk_norm_candidates(graph, q, kt, sm)
+
+
+def _heads_through_norms(graph: Graph, q, kt, vo):
+    """(query heads, key heads per query head, q Affine, k Affine) read at per-head QK norms' inputs; key
+    heads are paired with query heads like the value heads are (the same repeat of KV heads: a wrong guess
+    fails verification, it cannot pass it), or Nones."""
+    from eqlab.analyses.discover.qk_norm import norm_origin, projection_heads
+
+    nq, _ = norm_origin(graph, q)
+    nk, _ = norm_origin(graph, kt)
+    if nq is None or nk is None:
+        return None, None, None, None
+    aq, hq = projection_heads(graph, nq)
+    ak, hk = projection_heads(graph, nk)
+    heads_v = vo.heads[2]
+    kv = [list(x) for x in dict.fromkeys(tuple(h) for h in heads_v)]
+    if aq is None or ak is None or len(hq) != len(heads_v) or len(hk) != len(kv):
+        return None, None, None, None
+    return hq, [hk[kv.index(list(h))] for h in heads_v], aq, ak
+
+
+def _is_projected(graph: Graph, t) -> bool:
+    return _producer_affine(graph, t)[0] is not None
+
+
+def _query_key(graph: Graph, op, q, kt, sm):
+    """(Q/K candidates, query heads, key heads, q Affine, k Affine); heads None when not read."""
+    site = f"attention scores at op {sm.index}"
+    aq, cq = _producer_affine(graph, q)
+    ak, ck = _producer_affine(graph, kt)
+    if aq is None or ak is None or aq.w_out is None or ak.w_out is None:
+        found = _rotary_qk(graph, q, kt, sm)   # a linear but position-dependent region (RoPE)
+        if found is None:
+            return _qk_norm(graph, q, kt, sm), None, None, None, None
+        cands, (aq, ak, heads_q, heads_k) = found
+        return cands, heads_q, heads_k, aq, ak
+    lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
+        axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
+    if lq is None or lk is None:
+        reject(site, "qk_gl", "Q/K: projection features do not reach the scores as whole features (labels mix)")
+        return [], None, None, None, None
+    heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
+    heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
+    if not heads_q or not heads_k or len(heads_q) != len(heads_k):
+        reject(site, "qk_gl", "Q/K: per-head feature sets are not constant over batch and tokens")
+        return [], None, None, None, None
+    cav = shared_caveats(graph, aq) + (shared_caveats(graph, ak) if ak.op is not aq.op else [])
+    cav += _precision_caveats(sm)
+    blocks = []
+    for hk, hs in _groups_by(heads_k):   # query heads sharing a key head share one M (GQA)
+        b = []
+        for h in hs:
+            b += [[aq.weight, aq.w_out, heads_q[h], "M"]] + ([[aq.bias, 0, heads_q[h], "M"]] if aq.bias else [])
+        b += [[ak.weight, ak.w_out, hk, "-MT"]] + ([[ak.bias, 0, hk, "-MT"]] if ak.bias else [])
+        blocks.append(b)
+    where = _short(aq.weight)
+    out = [Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav)]
+    if ak.bias is not None:  # adding δ to the key bias shifts every score of a query by q·δ
+        cols = sorted({c for h in heads_k for c in h})
+        tf = TranslationFamily(f"key_bias_translation[{_short(ak.bias)}]", "key_bias_translation",
+                               [[ak.bias, 0, cols, "free"]], {ak.bias: list(_shape(graph, ak.bias))})
+        out.append(Candidate(tf, _precision_caveats(sm)))
+    else:
+        reject(site, "key_bias_translation", "the key projection has no bias")
+    return out, heads_q, heads_k, aq, ak
 
 
 def _value_output(graph: Graph, sm, heads_q):
     """P = softmax(...) -> (dropout, casts) -> P @ V -> (transposes, reshapes) -> output projection."""
+    site = f"attention probabilities at op {sm.index}"
+    no = lambda why: reject(site, "vo_gl", "V/O GL: skipped — " + why)  # noqa: E731
     t = sm.outputs[0]
     for _ in range(6):
         cons = graph.consumers(t)
         if len(cons) != 1:
-            return None
+            return no(f"the probabilities are read by {len(cons)} ops, not one P @ V product")
         op, pos = cons[0]
         if op.name == "matmul":
             break
-        if op.name not in ("dropout", "type", "to") :
-            return None
+        if op.name not in ("dropout", "type", "to"):
+            return no(f"the probabilities pass {op.name} before P @ V")
         t = op.outputs[0]
     else:
-        return None
+        return no("no P @ V product within 6 ops of the softmax")
     P = op.tensor_positions()
     if pos != P[0] or len(P) != 2:
-        return None
+        return no("the probabilities are not the left factor of a two-tensor matmul")
     v = op.leaves[P[1]]
     av, cv = _producer_affine(graph, v)
     if av is None:
-        return None
+        return no("the values are not a linear projection followed by views/transposes")
     lv = axis_labels_nd(cv, tuple(av.op.outputs[0].shape), -1)
     if lv is None:
-        return None
+        return no("value projection features do not reach P @ V as whole features")
     heads_v = _per_head(lv, -1)
     if not heads_v:
-        return None
+        return no("per-head value features are not constant over batch and tokens")
     # P @ V keeps V's feature axis: follow the matmul output with V's labels attached.
     o = op.outputs[0]
     end, chain, cons = graph.walk_forward(o, pooling=False)
     if len(cons) != 1:
-        return None
+        return no(f"the head outputs are read by {len(cons)} ops, not one output projection")
     ao = affine(graph, cons[0][0])
     if ao is None or ao.kind != "linear" or ao.data is not end:
-        return None
+        return no("o_proj input is not a concatenation of value heads I could locate (no linear map reads it)")
     import torch
 
     from eqlab.analyses.discover.graph import propagate
@@ -238,11 +298,11 @@ def _value_output(graph: Graph, sm, heads_q):
     lab[...] = hv.reshape(*([1] * (o.dim() - 3)), *o.shape[-3:-2], 1, n_flat) if o.dim() >= 3 else hv
     try:
         lo = propagate(chain, lab)
-    except Exception:  # noqa: BLE001
-        return None
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # an op that cannot be replayed on labels
+        return no(f"the head outputs cannot be followed to the output projection ({type(e).__name__}: {e})"[:300])
     lo = lo.movedim(ao.in_axis, -1).reshape(-1, lo.shape[ao.in_axis])
     if not bool((lo == lo[:1]).all()):
-        return None
+        return no("the output projection's input features vary over batch/tokens")
     rows = lo[0].long().tolist()                            # consumer input feature j carries V feature rows[j]
     blocks = []
     # o_proj input position j carries (query head j // d, V feature rows[j]): with grouped-query attention
@@ -253,7 +313,7 @@ def _value_output(graph: Graph, sm, heads_q):
         for h in hs:
             js = [h * d + hv.index(c) for c in hv] if len(rows) == len(heads_v) * d else None
             if js is None or any(rows[j] != c for j, c in zip(js, hv)):
-                return None
+                return no("o_proj input is not a concatenation of value heads in head order")
             b.append([ao.weight, ao.w_in, js, "-MT"])
         blocks.append(b)
     cav = shared_caveats(graph, ao) + _precision_caveats(sm)
@@ -269,14 +329,16 @@ def _head_swap(graph: Graph, affs, heads_q, heads_k):
 
     aq, ak, av, ao, heads_v, o_cols = affs
     groups = _groups_by(heads_k)
+    site = f"attention {_short(ao.weight)}"
     if len(heads_v) != len(heads_q) or len(o_cols) != len(heads_q):
-        return []
+        return reject(site, "head_permutation", f"{len(heads_q)} query heads but {len(heads_v)} value heads and "
+                      f"{len(o_cols)} output slices") or []
     if len(groups) >= 2 and len(groups[0][1]) == len(groups[1][1]):
         qpairs, kv = list(zip(groups[0][1], groups[1][1])), (groups[0][1][0], groups[1][1][0])
     elif len(groups[0][1]) >= 2:
         qpairs, kv = [tuple(groups[0][1][:2])], None
     else:
-        return []
+        return reject(site, "head_permutation", "a single head: nothing to permute") or []
     perms = {}
 
     def swap(a, axis, f, g, bias=False):

@@ -9,8 +9,9 @@ the readers' columns) is exact whatever σ is.
 """
 from __future__ import annotations
 
+from eqlab.analyses.discover.algebra import Cause, algebra_cause
 from eqlab.analyses.discover.graph import Graph
-from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, HOMOGENEOUS_ACT, labels_out
+from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, labels_out
 from eqlab.analyses.discover.patterns import (Candidate, Pair, Reader, _groups, _linear_readers, _pair_name,
                                         _producer_affine, _rescale_generators, _shape)
 from eqlab.analyses.transforms import Permutation, ScaleFamily, SignFlip
@@ -22,7 +23,7 @@ def _side(graph: Graph, t):
     """(Affine, chain to t, activation or None) for one factor of the product."""
     a, chain = _producer_affine(graph, t)
     if a is not None:
-        return a, chain, None
+        return a, chain, None, None
     origin, post = graph.walk_back(t, pooling=False)
     prod = graph.producer(origin)
     if prod is None or prod[0].name not in ELEMENTWISE_ACT:
@@ -31,7 +32,7 @@ def _side(graph: Graph, t):
     a, pre = _producer_affine(graph, act.leaves[act.tensor_positions()[0]])
     if a is None:
         return None
-    return a, pre + [(act, act.tensor_positions()[0], 0)] + post, act.name
+    return a, pre + [(act, act.tensor_positions()[0], 0)] + post, act.name, act
 
 
 def _pairs(graph: Graph, op):
@@ -46,7 +47,7 @@ def _pairs(graph: Graph, op):
     if any(s is None for s in sides) or not found or sides[0][0].op is sides[1][0].op:
         return None
     pairs = []
-    for (a, chain, act), pos in zip(sides, P):
+    for (a, chain, act, act_op), pos in zip(sides, P):
         readers = []
         for consumer, cchain in found:
             end = consumer.data
@@ -58,7 +59,7 @@ def _pairs(graph: Graph, op):
         cav = []
         if not graph.single_consumer_chain(a.op.outputs[0], chain + [(op, pos, 0)]):
             cav.append("the factor is also read outside the product")
-        pairs.append(Pair(a, act, readers, cav))
+        pairs.append(Pair(a, act, readers, cav, act_op=act_op))
     if [r.groups for r in pairs[0].readers] != [r.groups for r in pairs[1].readers]:
         return None  # the two factors do not line up unit by unit
     return pairs
@@ -75,11 +76,11 @@ def gated_units(graph: Graph) -> list[Candidate]:
         for p in pairs:
             if p.act is None:
                 fam, cav = "glu_rescale", list(p.caveats)
-            elif p.act in HOMOGENEOUS_ACT:
+            elif p.homogeneous:
                 fam, cav = f"{p.act}_gate_rescale", list(p.caveats)
             else:
                 fam = f"{p.act}_gate_rescale"
-                cav = list(p.caveats) + [f"gate activation {p.act} is not positively homogeneous (σ(αx) ≠ ασ(x))"]
+                cav = list(p.caveats) + [Cause("gate " + algebra_cause(p.act_op), "algebra", soft=False)]
             out.append(Candidate(ScaleFamily(f"{fam}[{_pair_name(p)}]", fam, _rescale_generators(p)), cav))
             if p.act is None:  # α = −1 of the same rescale: a discrete symmetry of the linear factor
                 r = sorted(p.groups)[0]

@@ -10,7 +10,8 @@ Groups: all parameters, and the parameters of each linear map.
 from __future__ import annotations
 
 from eqlab.analyses.discover.graph import Graph
-from eqlab.analyses.discover.ops import HOMOGENEOUS_ACT, LINEAR_OPS, affine
+from eqlab.analyses.discover.algebra import activation_algebra
+from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, LINEAR_OPS, affine
 from eqlab.analyses.discover.patterns import Candidate
 from eqlab.analyses.transforms import ScaleFamily
 
@@ -41,7 +42,7 @@ def _degree(graph: Graph, group: set[str]):
             wd = 1 if a.weight in group else 0
             bd = 1 if a.bias in group else 0
             k = wd if (a.bias is None or wd == bd) else None
-        elif op.name in HOMOGENEOUS_ACT:
+        elif op.name in ELEMENTWISE_ACT and activation_algebra(op)[0]:  # relu, leaky_relu, clamp(min=0)
             k = ds[0]
         elif graph._data_input(op) is not None and graph.is_passthrough(op, graph._data_input(op)):
             k = d(op.leaves[graph._data_input(op)])

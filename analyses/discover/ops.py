@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eqlab.analyses.discover.algebra import eps_cause
+
 LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "conv1d", "conv2d", "conv3d"}
 NORM_OPS = {"batch_norm", "layer_norm", "rms_norm"}  # rms_norm: also fused from its ops (norms.py)
 HOMOGENEOUS_ACT = {"relu", "leaky_relu", "relu_"}         # positively 1-homogeneous: σ(αx) = ασ(x), α > 0
@@ -73,7 +75,7 @@ def affine(graph, op) -> Affine | None:
         x, w, b = op.arg(0, "input"), op.arg(3, "weight"), op.arg(4, "bias")
         eps, training = op.arg(7, "eps", 1e-5), op.arg(5, "training", False)
         a = Affine(op, x, graph.param(w), graph.param(b), 0, None, 1, 1, "norm",
-                   [f"batch_norm eps={eps:g}: scale invariance is broken by ~eps/Var(pre-activation)"])
+                   [eps_cause(op, f"batch_norm eps={eps:g}: scale invariance is broken by ~eps/Var(pre-activation)")])
         if not training:
             a.caveats.append("batch_norm in eval mode normalises by running statistics (no invariance)")
         return a
@@ -83,13 +85,13 @@ def affine(graph, op) -> Affine | None:
             return None
         eps = op.arg(4, "eps", 1e-5)
         return Affine(op, x, graph.param(w), graph.param(b), 0, None, -1, -1, "norm",
-                      [f"layer_norm eps={eps:g}: scale invariance is broken by ~eps/Var(input)"])
+                      [eps_cause(op, f"layer_norm eps={eps:g}: scale invariance is broken by ~eps/Var(input)")])
     if op.name == "rms_norm":  # native F.rms_norm, or a normalisation fused from its ops (no mean subtraction)
         x, shape, w, eps = op.arg(0, "input"), op.arg(1, "normalized_shape"), op.arg(2, "weight"), op.arg(3, "eps")
         if len(shape) != 1:
             return None
         eps = 0.0 if eps is None else float(eps)
-        cav = [f"rms_norm eps={eps:g}: scale invariance is broken by ~eps/mean(input²)"] if eps > 0 else []
+        cav = [eps_cause(op, f"rms_norm eps={eps:g}: scale invariance is broken by ~eps/mean(input²)")] if eps > 0 else []
         cav += getattr(op, "precision", [])
         return Affine(op, x, graph.param(w), None, 0, None, -1, -1, "norm", cav)
     if op.name == "embedding":

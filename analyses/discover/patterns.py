@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eqlab.analyses.discover.algebra import Cause, activation_algebra, algebra_cause
 from eqlab.analyses.discover.graph import Graph, axis_labels
-from eqlab.analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, HOMOGENEOUS_ACT, LINEAR_OPS, NORM_OPS, ODD_ACT, Affine,
+from eqlab.analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, LINEAR_OPS, NORM_OPS, Affine,
                                    affine, labels_out, shared_caveats)
 from eqlab.analyses.transforms import Permutation, ScaleFamily, SignFlip, Transformation, TranslationFamily
 
@@ -131,6 +132,15 @@ class Pair:
     caveats: list
     upstream: Affine | None = None  # for a norm producer: the linear map feeding it (for permutations)
     up_labels: list | None = None
+    act_op: object = None           # the activation op itself (its arguments decide its algebra)
+
+    @property
+    def homogeneous(self) -> bool:
+        return self.act_op is not None and activation_algebra(self.act_op)[0]
+
+    @property
+    def odd(self) -> bool:
+        return self.act_op is not None and activation_algebra(self.act_op)[1]
 
     @property
     def consumer(self) -> Affine:
@@ -259,7 +269,8 @@ def activation_pairs(graph: Graph) -> list[Pair]:
             if prod.kind == "norm" and prod.op.name == "batch_norm":
                 up, uchain = _producer_affine(graph, prod.data)
                 up_labels = labels_out(graph, up, uchain, 1) if up is not None else None
-            pairs.append(Pair(prod, act, readers, cav, up, up_labels))
+            pairs.append(Pair(prod, act, readers, cav, up, up_labels,
+                              op if act is not None and act != COMPOSITE else None))
     return pairs
 
 
@@ -289,14 +300,14 @@ def rescales(graph: Graph, pairs=None) -> list[Candidate]:
             name = family
             cav = list(p.caveats)
         else:
-            family = "relu_rescale" if p.act in HOMOGENEOUS_ACT else f"{p.act}_rescale"
+            family = "relu_rescale" if p.homogeneous else f"{p.act}_rescale"
             name = family
             cav = list(p.caveats)
             if p.act == COMPOSITE:
-                cav.append("an activation composed of elementwise ops (e.g. gelu_new's tanh form) is not "
-                           "positively homogeneous (σ(αx) ≠ ασ(x))")
-            elif p.act not in HOMOGENEOUS_ACT:
-                cav.append(f"activation {p.act} is not positively homogeneous (σ(αx) ≠ ασ(x))")
+                cav.append(Cause("an activation composed of elementwise ops (e.g. gelu_new's tanh form) is not "
+                                 "positively homogeneous (σ(αx) ≠ ασ(x))", "algebra", soft=False))
+            elif not p.homogeneous:
+                cav.append(algebra_cause(p.act_op))
         out.append(Candidate(ScaleFamily(f"{name}[{_pair_name(p)}]", family, _rescale_generators(p)), cav))
     return out
 
@@ -306,7 +317,7 @@ def negative_controls_from(graph: Graph, pairs=None) -> list[Transformation]:
     """Declared transformations that are NOT symmetries; a correct checker must reject them."""
     out = []
     for p in pairs if pairs is not None else activation_pairs(graph):
-        if p.act in HOMOGENEOUS_ACT:  # wrong sign: scale in- and outgoing weights together
+        if p.homogeneous:  # wrong sign: scale in- and outgoing weights together
             out.append(ScaleFamily(f"relu_rescale_wrong_sign[{_pair_name(p)}]", "negative_control",
                                    _rescale_generators(p, sign_out=+1.0), expected=False))
     for c in softmax_translations(graph):
@@ -363,7 +374,7 @@ def sign_flips(graph: Graph, pairs=None) -> list[Candidate]:
     """Negate one unit (in- and outgoing weights) behind an odd activation."""
     out = []
     for p in pairs if pairs is not None else activation_pairs(graph):
-        if p.act not in ODD_ACT or p.producer.kind != "linear":
+        if not p.odd or p.producer.kind != "linear":
             continue
         r = sorted(p.groups)[0]
         terms = [[p.producer.weight, p.producer.w_out, [r]]] + ([[p.producer.bias, 0, [r]]] if p.producer.bias else [])

@@ -9,6 +9,7 @@ a reader outside (post-LN blocks, where the stream also feeds a sublayer directl
 """
 from __future__ import annotations
 
+from eqlab.analyses.discover.algebra import eps_cause
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.ops import affine, shared_caveats
 from eqlab.analyses.discover.patterns import Candidate, _shape, _short
@@ -76,10 +77,15 @@ def residual_stream(graph: Graph) -> list[Candidate]:
                 elif not any(id(o) in seen for o in op.outputs):
                     problems.append(f"the stream is read by {op.name} outside a LayerNorm (e.g. post-LN)")
         kinds = {op.name for op in graph.ops if op.index in readers}
-        eps = {(op.name, _eps(op)) for op in graph.ops if op.index in readers}
+        reader_ops = [op for op in graph.ops if op.index in readers]
+        eps = {(op.name, _eps(op)) for op in reader_ops}
         shared = [c for a in writers if not isinstance(a, str) for c in shared_caveats(graph, a)]
-        cav = problems + shared + [f"{n} eps={e:g}: the joint scale is broken by ~eps/Var(stream)"
-                                   for n, e in sorted(eps) if e > 0]
+        cav = problems + shared
+        for n, e in sorted(eps):
+            if e > 0:  # the largest predicted effect among the readers with this eps
+                causes = [eps_cause(op, f"{n} eps={e:g}: the joint scale is broken by ~eps/Var(stream)")
+                          for op in reader_ops if (op.name, _eps(op)) == (n, e)]
+                cav.append(max(causes, key=lambda c: c.size or 0.0))
         cav += sorted({c for op in graph.ops if op.index in readers for c in getattr(op, "precision", [])})
         pre = "ln" if kinds == {"layer_norm"} else "rms"
         family = f"{pre}_residual_scale" if len(writers) > 1 else f"{pre}_scale"
@@ -98,7 +104,9 @@ def residual_stream(graph: Graph) -> list[Candidate]:
                 gens.append([a.bias, None, None, 1.0])
                 shapes[a.bias] = list(_shape(graph, a.bias))
                 terms.append([a.bias, 0, None, "broadcast"])
-        tag = f"{len(writers)} writers->{len(readers)} {pre}_norms"
+        first = writers[0] if isinstance(writers[0], str) else writers[0].weight
+        tag = (f"{len(writers)} writers->{len(readers)} {pre}_norms" if len(writers) > 1 else
+               f"{_short(first)}->{len(readers)} {pre}_norms")
         out.append(Candidate(ScaleFamily(f"{family}[{tag}]", family, [gens]), cav))
         if pre != "ln":  # some reader only divides by the rms (no mean subtraction): no translation
             continue
