@@ -132,7 +132,12 @@ TABLES: dict[str, pa.Schema] = {
         ("finite", pa.float64()),        # loss / output change at a finite group element
         ("first_order", pa.float64()),
         ("second_order", pa.float64()),
-        ("holds", pa.bool_()),
-        ("reason", pa.string()),         # why a transformation is broken ("" when it holds)
+        ("holds", pa.bool_()),           # verdict == "exact"
+        ("reason", pa.string()),         # why it is approximate / broken / not proposed ("" when exact)
+        ("verdict", pa.string()),        # exact | approximate | broken | not_proposed
+        ("rounding_level", pa.float64()),  # p·γ_n(u)·R of the worst order (the level "exact" is judged by)
+        ("inputs_x3", pa.float64()),     # worst residual with the floating inputs ×3 (NaN: not run)
+        ("cause", pa.string()),          # eps | algebra | caveat | inputs_x3 | unidentified | random | ""
+        ("site", pa.string()),           # not_proposed rows: the norm / attention block / MLP looked at
     ]),
 }

@@ -36,7 +36,7 @@ def loss_change(model, loss, batch, edit):
     (gf,) = torch.autograd.grad(L0, f)
     with torch.no_grad():
         L1 = loss(moved(x), y)
-    mf = float((gf * f).abs().sum())
+    mf = float((gf * f).detach().abs().sum())
     s = max(abs(float(L0)), abs(float(L1)))
     level = gamma(chain_length(model, batch), unit_roundoff(torch.float64)) * (abs(float(L0)) + abs(float(L1)) + 2 * mf) / s
     return abs(float(L1) - float(L0)) / s, level

@@ -153,7 +153,8 @@ def discover(model, loss, batch, *, verify_examples: int = 32, trace_examples: i
         out.append(Found(c.transformation, v.verdict == EXACT, max(res.values()), res, list(c.caveats), v.reason,
                          v.verdict, tol, v.cause))
     _check_scaled_inputs(m64, loss, b64, out, probes, seed)
-    return Discovery(out, rejected)
+    unique = list({(r.site, r.family, r.reason): r for r in rejected}.values())  # finders may meet a site twice
+    return Discovery(out, unique)
 
 
 def _by_transformation(checks) -> dict:

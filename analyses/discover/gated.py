@@ -10,6 +10,7 @@ the readers' columns) is exact whatever σ is.
 from __future__ import annotations
 
 from eqlab.analyses.discover.algebra import Cause, algebra_cause
+from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, labels_out
 from eqlab.analyses.discover.patterns import (Candidate, Pair, Reader, _groups, _linear_readers, _pair_name,
@@ -45,6 +46,12 @@ def _pairs(graph: Graph, op):
     sides = [_side(graph, x) for x in xs]
     found = _linear_readers(graph, op.outputs[0], pooling=False)
     if any(s is None for s in sides) or not found or sides[0][0].op is sides[1][0].op:
+        if all(s is not None for s in sides) or found:  # a product of parameter-derived tensors: say why
+            why = ("a factor is not a linear map's output, directly or behind one activation"
+                   if any(s is None for s in sides) else
+                   "the product is not read only by linear maps" if not found else
+                   "both factors come from the same linear map")
+            reject(f"elementwise product at op {op.index}", "glu_rescale", why)
         return None
     pairs = []
     for (a, chain, act, act_op), pos in zip(sides, P):
@@ -54,14 +61,16 @@ def _pairs(graph: Graph, op):
             lab = labels_out(graph, a, chain + [(op, pos, 0)] + cchain,
                              end.dim() + (consumer.in_axis if consumer.in_axis < 0 else consumer.in_axis - end.dim()))
             if lab is None:
-                return None
+                return reject(f"elementwise product at op {op.index}", "glu_rescale",
+                              "the gated units do not reach the reader as whole features (labels mix)")
             readers.append(Reader(consumer, _groups(lab)))
         cav = []
         if not graph.single_consumer_chain(a.op.outputs[0], chain + [(op, pos, 0)]):
             cav.append("the factor is also read outside the product")
         pairs.append(Pair(a, act, readers, cav, act_op=act_op))
     if [r.groups for r in pairs[0].readers] != [r.groups for r in pairs[1].readers]:
-        return None  # the two factors do not line up unit by unit
+        return reject(f"elementwise product at op {op.index}", "glu_rescale",
+                      "the two factors do not line up unit by unit")
     return pairs
 
 

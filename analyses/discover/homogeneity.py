@@ -9,6 +9,7 @@ Groups: all parameters, and the parameters of each linear map.
 """
 from __future__ import annotations
 
+from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.algebra import activation_algebra
 from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, LINEAR_OPS, affine
@@ -66,6 +67,9 @@ def homogeneities(graph: Graph) -> list[Candidate]:
                          if (n := graph.param(op.leaves[p])) is not None})
     out = []
     k = _degree(graph, set(everything))
+    if not k:
+        reject("model output", "homogeneity", "the output has no single degree in all parameters (a bias, a "
+               "normalisation or a non-homogeneous activation on the way)")
     if k:
         out.append(Candidate(ScaleFamily(f"homogeneity[all,k={k}]", "homogeneity",
                                          [[[n, None, None, 1.0] for n in everything]], output_scale=[k]), []))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eqlab.analyses.discover.algebra import Cause, activation_algebra, algebra_cause
+from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph, axis_labels
 from eqlab.analyses.discover.ops import (ELEMENTWISE_ACT, ELEMENTWISE_MATH, LINEAR_OPS, NORM_OPS, Affine,
                                    affine, labels_out, shared_caveats)
@@ -58,11 +59,14 @@ def softmax_translations(graph: Graph) -> list[Candidate]:
         else:
             dim = op.arg(1, "dim", -1)
         dim = dim % x.dim()
+        site = f"{op.name} at op {op.index}"
         a, chain = _producer_affine(graph, x)
         if a is None or a.weight is None:
+            reject(site, "softmax_translation", "the logits are not a linear map's output through views")
             continue
         labels = labels_out(graph, a, chain, dim)
         if labels is None or len(set(labels)) != len(labels):
+            reject(site, "softmax_translation", f"{_short(a.weight)}'s features do not reach the class axis one to one")
             continue
         rows = sorted(labels)
         shapes = {a.weight: list(_shape(graph, a.weight))}
@@ -89,11 +93,19 @@ def batchnorm_scales(graph: Graph) -> list[Candidate]:
     out = []
     for op in graph.ops_named("batch_norm"):
         bn = affine(graph, op)
+        site = f"batch_norm {_short(bn.weight) if bn.weight else op.index}"
         a, chain = _producer_affine(graph, bn.data)
         if a is None:
+            prod = graph.producer(graph.walk_back(bn.data)[0])
+            what = prod[0].name if prod else "an input"
+            groups = prod[0].arg(6, "groups", 1) if prod and prod[0].name.startswith("conv") else 1
+            reject(site, "bn_scale", f"the normalised input comes from {what}" +
+                   (f" with groups={groups} (grouped/depthwise convolutions are not read as per-channel maps)"
+                    if groups != 1 else ", not a linear map or convolution through views"))
             continue
         labels = labels_out(graph, a, chain, 1)
         if labels is None:
+            reject(site, "bn_scale", f"{_short(a.weight)}'s channels do not reach the BN channel axis as whole channels")
             continue
         cav = list(bn.caveats) + shared_caveats(graph, a)
         if not graph.single_consumer_chain(a.op.outputs[0], chain + [(op, 0, 0)]):
@@ -214,7 +226,9 @@ def _elementwise_region(graph: Graph, x):
 
 
 def activation_pairs(graph: Graph) -> list[Pair]:
-    pairs = []
+    from eqlab.analyses.discover.norms import _param_dependent
+
+    pairs, dep = [], _param_dependent(graph)
     anchors = [op for op in graph.ops if op.name in ELEMENTWISE_ACT]
     # a norm layer's affine read directly by linear maps (LN gain -> next linear(s), no activation)
     anchors += [op for op in graph.ops if op.name in NORM_OPS]
@@ -236,16 +250,25 @@ def activation_pairs(graph: Graph) -> list[Pair]:
         elif op.name in NORM_OPS:
             prod, act, pchain = affine(graph, op), None, []
             if prod is None or prod.weight is None:
+                reject(f"{op.name} at op {op.index}", "gain_rescale", "the normalisation has no gain parameter")
                 continue
             start = op.outputs[0]
         else:
             x = op.leaves[op.tensor_positions()[0]]
             prod, pchain = _producer_affine(graph, x, kinds=("linear", "norm"))
+            if (prod is None or prod.weight is None) and id(x) in dep:  # (rotary sin/cos of positions: not a unit)
+                reject(f"{op.name} at op {op.index}", f"{op.name}_rescale",
+                       "the activation's input is not a per-feature linear map or norm output (through views)")
+                continue
             if prod is None or prod.weight is None:
                 continue
             act, start = op.name, op.outputs[0]
+        site = f"{_short(prod.weight)} -> {act or 'readers'}"
+        family = f"{act}_rescale" if act else f"{op.name}_gain_rescale"
         found = _linear_readers(graph, start, pooling=act is not None)
         if not found:
+            reject(site, family, "the output is not read only by linear maps (a residual add, a loss or another "
+                   "nonlinearity reads it)")
             continue
         readers, cav = [], shared_caveats(graph, prod)
         for consumer, cchain in found:
@@ -255,6 +278,7 @@ def activation_pairs(graph: Graph) -> list[Pair]:
             labels = labels_out(graph, prod, full, end.dim() + (consumer.in_axis if consumer.in_axis < 0 else
                                                                 consumer.in_axis - end.dim()))
             if labels is None:
+                reject(site, family, f"features do not reach {_short(consumer.weight)} as whole features (labels mix)")
                 break
             readers.append(Reader(consumer, _groups(labels)))
             cav += [c for c in shared_caveats(graph, consumer) if c not in cav]
@@ -264,7 +288,8 @@ def activation_pairs(graph: Graph) -> list[Pair]:
             if act and not graph.single_consumer_chain(prod.op.outputs[0], own):
                 cav.append("the producer's output is also read elsewhere (e.g. a residual connection)")
             if any(set(r.groups) != set(readers[0].groups) for r in readers):
-                continue  # readers see different features: not one per-feature transformation
+                reject(site, family, "the readers see different features: not one per-feature transformation")
+                continue
             up, up_labels = None, None
             if prod.kind == "norm" and prod.op.name == "batch_norm":
                 up, uchain = _producer_affine(graph, prod.data)
@@ -375,6 +400,9 @@ def sign_flips(graph: Graph, pairs=None) -> list[Candidate]:
     out = []
     for p in pairs if pairs is not None else activation_pairs(graph):
         if not p.odd or p.producer.kind != "linear":
+            if p.act is not None and p.act != COMPOSITE:
+                reject(f"{_short(p.producer.weight)} -> {p.act}", "sign_flip",
+                       f"{p.act} is not odd (σ(−x) ≠ −σ(x))" if not p.odd else "the producer is a norm, not a linear map")
             continue
         r = sorted(p.groups)[0]
         terms = [[p.producer.weight, p.producer.w_out, [r]]] + ([[p.producer.bias, 0, [r]]] if p.producer.bias else [])

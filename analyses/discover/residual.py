@@ -10,6 +10,7 @@ a reader outside (post-LN blocks, where the stream also feeds a sublayer directl
 from __future__ import annotations
 
 from eqlab.analyses.discover.algebra import eps_cause
+from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.ops import affine, shared_caveats
 from eqlab.analyses.discover.patterns import Candidate, _shape, _short
@@ -67,7 +68,10 @@ def residual_stream(graph: Graph) -> list[Candidate]:
             continue
         seen, writers, problems = _stream(graph, x)
         done |= set(seen)
+        pre = "ln" if ln.name == "layer_norm" else "rms"
         if not writers or problems:
+            reject(f"stream read by {ln.name} at op {ln.index}", f"{pre}_residual_scale",
+                   problems[0] if problems else "the stream has no parameterised writer")
             continue
         readers = set()
         for t in seen.values():

@@ -1,0 +1,182 @@
+"""Attention on modern `transformers` classes from tiny configs: Qwen3 (per-head QK RMSNorm, grouped KV heads)
+and GPT-NeoX (fused query_key_value, partial rotary). Each reported transformation gets an independent
+few-line float64 check that it leaves the loss unchanged, and a negative control that breaks it.
+Verdicts are three-way; the QK norm's eps makes the projections' scale invariance approximate, not exact;
+every candidate considered and rejected is stored with its reason (`eqlab inspect --explain`)."""
+import copy
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from eqlab.analyses.discover import discover
+from eqlab.models.hf_tiny import _eager, last_token_ce
+from eqlab.pipeline import inspect_cmd
+from tests.test_discover_algebra import loss_change
+
+torch.set_num_threads(1)
+H, KV, DH, D = 4, 2, 4, 16          # Qwen3: query heads, key/value heads, head dim, hidden
+
+
+def _batch(vocab=11, seq=5, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, vocab, (n,), generator=g)
+
+
+def qwen3(eps=1e-6, seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    c = _eager(tf.Qwen3Config(vocab_size=11, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=1,
+                              num_attention_heads=H, num_key_value_heads=KV, head_dim=DH, max_position_embeddings=20,
+                              rms_norm_eps=eps, tie_word_embeddings=False, attention_dropout=0.0, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=None, initializer_range=0.3))
+    model = tf.Qwen3ForCausalLM(c).double()
+    with torch.no_grad():  # norm gains start at 1: make them generic so gain symmetries are not degenerate
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model, last_token_ce, _batch()
+
+
+def neox(rotary=0.5, seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    c = _eager(tf.GPTNeoXConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=20, rotary_pct=rotary,
+                                attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, bos_token_id=0,
+                                eos_token_id=0, initializer_range=0.3, hidden_act="relu"))
+    return tf.GPTNeoXForCausalLM(c).double(), last_token_ce, _batch()
+
+
+def _one(d, family):
+    (f,) = [f for f in d.found if f.transformation.family == family]
+    return f
+
+
+def _random_gl(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(m, dtype=torch.float64) + 0.3 * torch.randn(m, m, generator=g, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------- Qwen3
+def test_qwen3_vo_change_of_basis_per_kv_head_and_head_permutation():
+    model, loss, batch = qwen3()
+    d = discover(model, loss, batch)
+    vo = _one(d, "vo_gl")
+    assert vo.verdict == "exact" and vo.transformation.n_generators == KV * DH ** 2, vo.as_row()
+    # one M per KV head: its v_proj rows and the o_proj columns of the H/KV query heads that read it
+    assert [len(b) for b in vo.transformation.blocks] == [1 + H // KV] * KV
+    assert _one(d, "head_permutation").verdict == "exact"
+    a = "model.layers.0.self_attn."
+    M = _random_gl(DH, 0)
+
+    def vo_edit(query_heads):
+        def edit(p):
+            p[a + "v_proj.weight"][:DH] = M.T @ p[a + "v_proj.weight"][:DH]          # v_head0 -> v_head0 M
+            for h in query_heads:                                                     # W_o[:, cols] M^{-T}
+                cols = slice(h * DH, (h + 1) * DH)
+                p[a + "o_proj.weight"][:, cols] = p[a + "o_proj.weight"][:, cols] @ torch.linalg.inv(M).T
+        return edit
+
+    r, level = loss_change(model, loss, batch, vo_edit([0, 1]))   # both query heads of KV head 0
+    assert r <= level, (r, level)
+    r, level = loss_change(model, loss, batch, vo_edit([0]))      # negative: one query head only (GQA)
+    assert r > 1e3 * level, (r, level)
+
+
+def test_qwen3_qk_norm_gain_rescale_respects_the_rotary_pairs():
+    model, loss, batch = qwen3()
+    d = discover(model, loss, batch)
+    g = _one(d, "qk_norm_gain_rescale")
+    assert g.verdict == "exact", g.as_row()
+    # RoPE rotates dims (i, i + DH/2) together: one generator per pair, acting on both in q and in k
+    assert g.transformation.n_generators == DH // 2
+    assert sorted(sorted(gen[0][2]) for gen in g.transformation.generators) == [[0, 2], [1, 3]]
+    a = "model.layers.0.self_attn."
+
+    def gain_edit(dims):
+        def edit(p):
+            p[a + "q_norm.weight"][dims] *= 2.0
+            p[a + "k_norm.weight"][dims] /= 2.0
+        return edit
+
+    r, level = loss_change(model, loss, batch, gain_edit([0, 2]))
+    assert r <= level, (r, level)
+    r, level = loss_change(model, loss, batch, gain_edit([0]))    # negative: splits a rotary pair
+    assert r > 1e3 * level, (r, level)
+
+
+def test_qwen3_projection_scale_through_the_qk_norm_is_approximate_by_its_eps():
+    model, loss, batch = qwen3(eps=1e-6)
+    d = discover(model, loss, batch)
+    qs = [f for f in d.found if f.transformation.family == "rms_scale"]
+    assert len(qs) == 2 and all(f.verdict == "approximate" and f.cause == "eps" for f in qs), [f.as_row() for f in qs]
+    assert all("eps=1e-06" in f.reason and "predicted" in f.reason for f in qs)
+    # the same physics as a LayerNorm stream: the eps-free model makes the same transformations exact
+    # (within the rounding level of the float32 ops HF's RMSNorm runs inside the float64 model)
+    d0 = discover(*qwen3(eps=0.0))
+    assert all(f.verdict == "exact" for f in d0.found if f.transformation.family == "rms_scale")
+    # independent check of the size: scaling q_proj by 2 moves the loss by ~eps/mean(q²), not 0
+    moved = lambda p: p["model.layers.0.self_attn.q_proj.weight"].mul_(2.0)  # noqa: E731
+    # (the eps-free model's change is float32 rounding inside its RMSNorm: the eps effect is 10x above it)
+    r, level = loss_change(model, loss, batch, moved)
+    r0, _ = loss_change(qwen3(eps=0.0)[0], loss, batch, moved)
+    assert r > 10 * r0 and r > 1e3 * level, (r, r0, level)
+
+
+def test_inspections_store_a_reason_for_every_rejected_candidate(tmp_path):
+    model, loss, batch = qwen3()
+    rows = inspect_cmd.inspection_rows(discover(model, loss, batch))
+    path = inspect_cmd.write_inspection(rows, tmp_path, "qwen3_tiny.py:make")
+    back = pq.read_table(path).to_pylist()
+    assert len(back) == len(rows)
+    rejected = [r for r in back if r["verdict"] == "not_proposed"]
+    assert rejected and all(r["reason"] and r["site"] and not r["holds"] for r in rejected)
+    # the full GL of Q/K cannot pass the per-head QK norm's gain: said, not silently dropped
+    assert any(r["symmetry"] == "qk_gl" and "norm" in r["reason"] for r in rejected), rejected
+    found = [r for r in back if r["verdict"] != "not_proposed"]
+    assert {r["verdict"] for r in found} == {"exact", "approximate", "broken"}
+    assert all(r["holds"] == (r["verdict"] == "exact") for r in found)
+    assert all(r["rounding_level"] > 0 for r in found)
+    text = inspect_cmd.format_inspection("qwen3", rows, explain=True)
+    assert "considered and not proposed" in text and "qk_gl: Q/K" in text
+    assert "considered" not in inspect_cmd.format_inspection("qwen3", rows)
+
+
+# ---------------------------------------------------------------------------------------------- GPT-NeoX
+@pytest.mark.parametrize("rotary", [0.5, 1.0])
+def test_neox_fused_qkv_partial_rotary_commutant(rotary):
+    model, loss, batch = neox(rotary)
+    heads, dh = 2, 8
+    rot = int(dh * rotary)
+    d = discover(model, loss, batch)
+    qk = _one(d, "qk_commutant")
+    # per head: aI + bJ on each rotary frequency pair (2 per pair) and all of GL on the non-rotary dims
+    assert qk.verdict == "exact" and qk.transformation.n_generators == heads * (rot + (dh - rot) ** 2), qk.as_row()
+    full = _one(d, "qk_gl")
+    assert full.verdict == "broken" and "rotary" in full.reason
+    vo = _one(d, "vo_gl")
+    assert vo.verdict == "exact" and vo.transformation.n_generators == heads * dh ** 2
+    assert _one(d, "head_permutation").verdict == "exact"
+
+
+def test_neox_non_rotary_dims_keep_their_full_gl():
+    model, loss, batch = neox(0.5)
+    dh, rot = 8, 4
+    w, b = "gpt_neox.layers.0.attention.query_key_value.weight", "gpt_neox.layers.0.attention.query_key_value.bias"
+    M = _random_gl(dh - rot, 1)
+
+    def qk_edit(dims):  # head 0 of the fused layout [q | k | v] per head: q dims ↦ q M, k dims ↦ k M^{-T}
+        q, k = [i for i in dims], [dh + i for i in dims]
+        def edit(p):
+            for name in (w, b):
+                p[name][q] = M.T @ p[name][q]
+                p[name][k] = torch.linalg.inv(M) @ p[name][k]
+        return edit
+
+    r, level = loss_change(model, loss, batch, qk_edit(list(range(rot, dh))))
+    assert r <= level, (r, level)
+    r, level = loss_change(model, loss, batch, qk_edit(list(range(rot))))   # negative: on the rotary dims
+    assert r > 1e3 * level, (r, level)
