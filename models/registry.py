@@ -101,6 +101,8 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)  # the builder's defaults (for cross checks)
     n_params: Callable[[dict], int] | None = None  # trainable parameters for the given options
     cross_check: Callable[[dict], OptionError | None] | None = None
+    # full options -> {transformation family (as eqlab.analyses.discover names it): why it is expected}
+    symmetries: Callable[[dict], dict[str, str]] | None = None
 
     @property
     def build_model(self) -> Callable:
@@ -166,6 +168,34 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# The model zoo (issue 10) is declared in its own module, with these same classes.
+from eqlab.models.zoo_families import ZOO  # noqa: E402  (needs Family and Option above)
+
+FAMILIES.update(ZOO)
+
+
+def expected_symmetries(family: str, options: dict | None = None) -> dict[str, str]:
+    """{transformation family: why} that the family must carry with these options ({} if none declared)."""
+    fam = FAMILIES[family]
+    return fam.symmetries({**fam.defaults, **(options or {})}) if fam.symmetries else {}
+
+
+def missing_symmetries(family: str, options: dict | None, found) -> list[str]:
+    """One line per expected symmetry that ``found`` (an `eqlab.analyses.discover.Discovery`, or its list
+    of Found) does not verify: never found, or found and broken (its worst residual and reason)."""
+    found = list(getattr(found, "found", found))
+    out = []
+    for name, why in sorted(expected_symmetries(family, options).items()):
+        mine = [f for f in found if f.transformation.family == name]
+        if not mine:
+            out.append(f"{name}: expected ({why}), not found")
+        elif not any(f.verified for f in mine):
+            worst = max(mine, key=lambda f: f.residual)
+            out.append(f"{name}: expected ({why}), found {len(mine)}, none verified "
+                       f"(worst residual {worst.residual:.2e}: {worst.reason})")
+    return out
+
+
 def model_options(family: str) -> set[str]:
     """The keyword options a family's model builder accepts (used to validate study files)."""
     return set(FAMILIES[family].options)
@@ -201,6 +231,7 @@ def build_task(family: str, options: dict | None = None, seed: int = 0, dtype=No
     fam, options = FAMILIES[family], dict(options or {})
     torch.manual_seed(seed)
     model = fam.build_model(**options).to(dtype)
-    data_kw = {k: options[k] for k in fam.data_options if k in options}
+    full = {**fam.defaults, **options}  # the family's defaults, so model and data agree (e.g. image_size)
+    data_kw = {k: full[k] for k in fam.data_options if k in full}
     train, test = fam.build_data(seed=seed, dtype=dtype, **data_kw)
     return Task(family, model, fam.loss, train, test)
