@@ -101,3 +101,33 @@ def test_trace_estimators_on_a_hessian(gpt2):
     assert abs(h.estimate - tr) <= 4 * offdiag
     assert abs(hp.estimate - tr) <= 4 * offdiag
     assert h.std_error == pytest.approx(offdiag, rel=0.5)
+
+
+def test_probe_path_is_a_rule_on_the_operator_and_both_paths_agree(gpt2):
+    """In one process the probes run one after another even when a matmat is offered (the matmat is
+    never called); only a multi-column product, or an explicit lockstep=True, runs them in lockstep.
+    The rule decides the path, never the result: same probes, same tridiagonals to rounding."""
+    op, _, _ = gpt2
+    widths = []
+
+    def matmat(V):
+        widths.append(V.shape[1])
+        return op.matmat(V)
+
+    seq = slq(op.matvec, op.dim, steps=10, probes=3, seed=7, matmat=matmat)
+    assert seq.path == "sequential" and "this process" in seq.path_reason and widths == []
+    forced = slq(op.matvec, op.dim, steps=10, probes=3, seed=7, matmat=matmat, lockstep=True)
+    assert forced.path == "lockstep" and forced.path_reason == "given" and widths == [3] * 10
+    only = slq(None, op.dim, steps=10, probes=3, seed=7, matmat=op.matmat)
+    assert only.path == "lockstep" and "only a multi-column" in only.path_reason
+    assert seq.n_matvec == forced.n_matvec == only.n_matvec == 30
+    for res in (forced, only):
+        for a, b, c, d in zip(seq.alphas, seq.betas, res.alphas, res.betas):
+            # same Krylov recurrence in float64: agreement to ≈ steps·dim·eps relative to the largest |α|
+            scale = max(abs(x) for x in a)
+            assert np.allclose(a, c, rtol=0, atol=10 * op.dim * 2.0 ** -52 * scale)
+            assert np.allclose(b, d, rtol=0, atol=10 * op.dim * 2.0 ** -52 * scale)
+    with pytest.raises(ValueError, match="lockstep=True needs a matmat"):
+        slq(op.matvec, op.dim, steps=2, probes=1, lockstep=True)
+    with pytest.raises(ValueError, match="lockstep=False needs a matvec"):
+        slq(None, op.dim, steps=2, probes=1, matmat=op.matmat, lockstep=False)

@@ -61,6 +61,8 @@ class SLQResult:
     alphas: list[list[float]]  # per probe
     betas: list[list[float]]
     n_matvec: int
+    path: str = "sequential"  # how the probes ran: "sequential" or "lockstep" (`probe_path`)
+    path_reason: str = ""     # the rule's reason for that path, to record with the result
 
     def quadrature(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(nodes, weights) per probe."""
@@ -147,23 +149,53 @@ def rademacher_probes(dim: int, probes: int, seed: int, dtype=torch.float64, dev
     return torch.stack(cols, dim=1).to(device=device, dtype=dtype)
 
 
-def slq(matvec: Callable | None, dim: int, steps: int | None = None, probes: int | None = None, seed: int = 0,
-        dtype=torch.float64, device=None, reorthogonalise: bool = True, matmat: Callable | None = None) -> SLQResult:
-    """``probes`` Rademacher probes, ``steps`` Lanczos steps each (defaults: `analyses.curvature.defaults`,
-    40 × 4).
+def probe_path(matvec: Callable | None, matmat: Callable | None, lockstep: bool | None = None) -> tuple[str, str]:
+    """("sequential" | "lockstep", why): how `slq` runs its probes. A rule on what the operator is, not a
+    timing, so the same call always takes the same path.
 
-    ``matmat`` (dim × P → dim × P): run the probes in lockstep (`tridiagonals_lockstep`), one product
-    of all running probes per step; without it, probe after probe through ``matvec``."""
+    Lockstep saves *round trips*, not arithmetic: one multi-column product per step instead of one per
+    probe. That pays where every call crosses processes (a pool of Ray actors, `pipeline.spectra`, whose
+    driver-side object holds them in ``actors``; or a caller that offers only ``matmat``). In one process
+    the batched product and the per-probe bases indexed across probes were slower than probe after probe
+    in 16 of 18 measured cases (issue 14), so an in-process ``matvec`` (a `HessianOperator`, a function)
+    runs the probes one after another. ``lockstep`` True/False overrides the rule."""
+    if lockstep is not None:
+        if lockstep and matmat is None:
+            raise ValueError("slq: lockstep=True needs a matmat")
+        if not lockstep and matvec is None:
+            raise ValueError("slq: lockstep=False needs a matvec")
+        return ("lockstep" if lockstep else "sequential"), "given"
+    if matvec is None:
+        if matmat is None:
+            raise ValueError("slq: give a matvec or a matmat")
+        return "lockstep", "only a multi-column product was given"
+    owner = getattr(matvec, "__self__", None)
+    if matmat is not None and getattr(owner, "actors", None) is not None:
+        return "lockstep", f"products are round trips to the {type(owner).__name__}'s actors: one per step"
+    return "sequential", "products run in this process, where probe after probe is not slower"
+
+
+def slq(matvec: Callable | None, dim: int, steps: int | None = None, probes: int | None = None, seed: int = 0,
+        dtype=torch.float64, device=None, reorthogonalise: bool = True, matmat: Callable | None = None,
+        lockstep: bool | None = None) -> SLQResult:
+    """``probes`` Rademacher probes, ``steps`` Lanczos steps each (defaults: `analyses.curvature.defaults`
+    for the dtype of the products, 40 × 4).
+
+    ``matmat`` (dim × P → dim × P) lets the probes run in lockstep (`tridiagonals_lockstep`, one product of
+    all running probes per step); whether they do is `probe_path`'s rule (``lockstep`` overrides it),
+    recorded in ``path``/``path_reason``. Both paths start from the same probes for a given seed and
+    compute the same tridiagonals up to rounding, so the result does not depend on the path."""
     row = for_dtype(product_dtype(matvec if matvec is not None else matmat, dtype))
     steps = row.slq_steps if steps is None else steps
     probes = row.slq_probes if probes is None else probes
     for name, v in (("steps", steps), ("probes", probes)):
         if isinstance(v, bool) or int(v) != v or v < 1:
             raise ValueError(f"slq: {name} must be an integer >= 1, got {v!r}")
+    path, why = probe_path(matvec, matmat, lockstep)
     V = rademacher_probes(dim, probes, seed, dtype, device)
-    if matmat is not None:
+    if path == "lockstep":
         alphas, betas, n = tridiagonals_lockstep(matmat, V, steps, reorthogonalise)
-        return SLQResult(dim, alphas, betas, n)
+        return SLQResult(dim, alphas, betas, n, path, why)
     alphas, betas, n = [], [], 0
 
     def counted(v):
@@ -175,4 +207,4 @@ def slq(matvec: Callable | None, dim: int, steps: int | None = None, probes: int
         a, b = tridiagonal(counted, V[:, p], steps, reorthogonalise)
         alphas.append(a)
         betas.append(b)
-    return SLQResult(dim, alphas, betas, n)
+    return SLQResult(dim, alphas, betas, n, path, why)

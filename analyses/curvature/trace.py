@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from eqlab.analyses.curvature.defaults import TABLE  # the trace budget is the same in every dtype
+from eqlab.analyses.curvature.defaults import for_dtype, product_dtype
 
 
 @dataclass
@@ -33,8 +33,10 @@ def _rademacher(dim, k, gen, dtype, device) -> Tensor:
     return (torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
 
 
-def _budget(n_matvec, least: int) -> int:
-    n = TABLE["float64"].trace_matvecs if n_matvec is None else n_matvec
+def _budget(n_matvec, least: int, matvec, matmat, dtype) -> int:
+    """``n_matvec``, or the defaults row of the products' dtype (the budget is the same in every row)."""
+    row = for_dtype(product_dtype(matvec if matvec is not None else matmat, dtype))
+    n = row.trace_matvecs if n_matvec is None else n_matvec
     if isinstance(n, bool) or int(n) != n or n < least:
         raise ValueError(f"n_matvec must be an integer >= {least}, got {n!r}")
     return int(n)
@@ -42,7 +44,7 @@ def _budget(n_matvec, least: int) -> int:
 
 def hutchinson(matvec: Callable, dim: int, n_matvec: int | None = None, seed: int = 0, dtype=torch.float64,
                device=None, matmat: Callable | None = None) -> TraceEstimate:
-    n_matvec = _budget(n_matvec, 1)
+    n_matvec = _budget(n_matvec, 1, matvec, matmat, dtype)
     gen = torch.Generator().manual_seed(seed)
     Z = _rademacher(dim, n_matvec, gen, dtype, device)
     samples = (Z * _apply(matvec, matmat, Z)).sum(0).double()
@@ -53,7 +55,7 @@ def hutchinson(matvec: Callable, dim: int, n_matvec: int | None = None, seed: in
 def hutchpp(matvec: Callable, dim: int, n_matvec: int | None = None, seed: int = 0, dtype=torch.float64,
             device=None, matmat: Callable | None = None) -> TraceEstimate:
     """Hutch++ with ``n_matvec`` products: n/3 for the sketch, n/3 for tr(QᵀHQ), the rest for Hutchinson."""
-    n_matvec = _budget(n_matvec, 3)  # Hutch++ needs at least 3 matvecs
+    n_matvec = _budget(n_matvec, 3, matvec, matmat, dtype)  # Hutch++ needs at least 3 matvecs
     gen = torch.Generator().manual_seed(seed)
     k = n_matvec // 3
     Q, _ = torch.linalg.qr(_apply(matvec, matmat, _rademacher(dim, k, gen, dtype, device)))
