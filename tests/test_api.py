@@ -1,6 +1,7 @@
 """`eqlab.hessian(model, loss, batch)`: the Python API against dense float64 truth, with its counters
 checked against independent counts and its defaults against the one defaults table."""
 import copy
+import os
 import subprocess
 import sys
 
@@ -246,3 +247,18 @@ def test_a_contract_breach_is_one_line_naming_it():
     assert str(err.value) == "eqlab.hessian: loss returned a tensor of shape (8,), expected a scalar"
     with pytest.raises(UserModelError, match="batch 1: the batch is empty"):
         eqlab.hessian(model, nn.functional.cross_entropy, [batch, (batch[0][:0], batch[1][:0])])
+
+
+def test_the_readme_python_api_example_runs_and_converges():
+    """The README's "Python API" block, run as written (in a subprocess: a user's fresh interpreter)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code += "\nassert all(top.converged) and all(low.converged) and H.n_hvp == " \
+            "top.n_matvec + low.n_matvec + rho.n_matvec + tr.n_matvec\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread on the shared machine; results do not depend on it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "double_backward_cached" in out.stdout
