@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from eqlab.models import symmetry_decls as expect
+
 MAX_PARAMS = 100_000_000  # a study's model must fit beside its Lanczos basis on one machine
 
 
@@ -151,7 +153,7 @@ FAMILIES: dict[str, Family] = {
                                   why="BatchNorm needs eps > 0 in training mode (use 1e-20 for the exact limit)"),
                  "activation": Option("str", choices=("relu", "gelu", "tanh"))},
         defaults={"channels": [8, 16], "hidden": 32, "classes": 10, "bn_eps": 1e-5, "activation": "relu"},
-        n_params=_cnn_params),
+        n_params=_cnn_params, symmetries=expect.digits_cnn),
     "modadd_gpt2": Family(
         "eqlab.models.modadd_gpt2:modadd_gpt2", "eqlab.models.modadd_gpt2:modadd_data", "eqlab.models.losses:last_token_cross_entropy",
         ("p",),
@@ -164,7 +166,7 @@ FAMILIES: dict[str, Family] = {
                  "tie_word_embeddings": Option("bool")},
         defaults={"p": 13, "n_embd": 32, "n_layer": 1, "n_head": 2, "activation": "relu",
                   "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False},
-        n_params=_gpt2_params, cross_check=_gpt2_cross),
+        n_params=_gpt2_params, cross_check=_gpt2_cross, symmetries=expect.modadd_gpt2),
 }
 
 

@@ -30,6 +30,9 @@ SMALL = {
     "vit_images": {"hidden": 8, "intermediate": 8, "layer_norm_eps": 0.0},
     "resnet_images": {"embedding": 4, "hidden_sizes": [4, 6], "bn_eps": 1e-20},
     "vgg_images": {"channels": [4, 6], "hidden": 8},
+    # the two original families declare their symmetries the same way
+    "digits_cnn": {"channels": [3, 4], "hidden": 6, "bn_eps": 1e-20},
+    "modadd_gpt2": {"p": 5, "n_embd": 8, "layer_norm_epsilon": 0.0},
 }
 # An option that breaks a declared symmetry, and the symmetry it breaks.
 BREAK = {
@@ -38,6 +41,8 @@ BREAK = {
     "vit_images": ({"activation": "gelu"}, "relu_rescale"),
     "resnet_images": ({"bn_eps": 0.1}, "bn_scale"),
     "vgg_images": ({"activation": "gelu"}, "relu_rescale"),
+    "digits_cnn": ({"activation": "gelu"}, "relu_rescale"),
+    "modadd_gpt2": ({"activation": "gelu_new"}, "relu_rescale"),
 }
 ZOO = list(SMALL)
 EXAMPLES = 8  # identity checks on the first 8 training examples
@@ -65,8 +70,8 @@ def _same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_every_zoo_family_is_registered():
-    assert set(ZOO) <= set(FAMILIES)
+def test_every_family_is_tested_here():
+    assert set(ZOO) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", ZOO)
@@ -78,7 +83,8 @@ def test_data_and_weights_are_determined_by_the_seed(family, data_cache):
     sa, sb, sc = (t.model.state_dict() for t in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    assert any(data_cache.iterdir())  # the data went through an Arrow table in the test's cache
+    if family not in ("digits_cnn", "modadd_gpt2"):  # the zoo's data go through Arrow tables, in the test's cache
+        assert any(data_cache.iterdir())
 
 
 @pytest.mark.parametrize("family", ZOO)
