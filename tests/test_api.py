@@ -262,3 +262,40 @@ def test_the_readme_python_api_example_runs_and_converges():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "double_backward_cached" in out.stdout
+
+
+USER_FILE = '''
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    return {"model": model, "batch": (torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))),
+            "loss": nn.functional.cross_entropy}
+'''
+
+
+def test_the_api_and_eqlab_spectrum_are_one_contract_with_one_set_of_defaults(tmp_path):
+    """The same FILE.py:FUNC through `eqlab spectrum` (compute_spectrum) and through eqlab.hessian: the
+    same operator, defaults and seeds, so the same arithmetic and the same numbers."""
+    from eqlab.pipeline.spectrum_cmd import compute_spectrum
+    from eqlab.pipeline.userfunc import UserSource
+
+    path = tmp_path / "mymodel.py"
+    path.write_text(USER_FILE)
+    ref = f"{path}:make"
+    cli = compute_spectrum(ref, top=3, bottom=2, density=True, trace=True)
+    model, loss, batches = UserSource(ref)(F64)
+    H = eqlab.hessian(model, loss, batches)
+    top, bottom, dens, tr = H.top_k(3), H.bottom_k(2), H.density(), H.trace()
+    assert (cli["method"], cli["tol"], cli["max_iter"]) == (H.method, H.defaults.tol, H.defaults.max_iter)
+    # identical products and recurrences: differences only from summation order, a few eps of max|θ|
+    scale = 16 * EPS64 * max(abs(x) for x in cli["eigenvalues"] + cli["bottom_eigenvalues"])
+    assert np.allclose(top.eigenvalues.numpy(), cli["eigenvalues"], rtol=0, atol=scale)
+    assert np.allclose(bottom.eigenvalues.numpy(), cli["bottom_eigenvalues"], rtol=0, atol=scale)
+    for key in ("alphas", "betas"):  # the CLI's density runs the same probes on the same path
+        assert np.allclose(np.concatenate(getattr(dens, key)), np.concatenate(cli["density"][key]), rtol=0, atol=scale)
+    assert (dens.n_matvec, tr.n_matvec) == (cli["density"]["hvps"], cli["trace"]["hvps"])
+    assert abs(tr.estimate - cli["trace"]["estimate"]) <= H.dim * EPS64 * abs(tr.estimate) + scale
+    assert H.n_hvp == cli["hvps"]
