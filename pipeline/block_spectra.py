@@ -130,3 +130,39 @@ def block_spectra(source, blocks: dict[str, list[str]] | None = None, workers: i
         return pool.run(state, k, which, tol, max_iter, seed)
     finally:
         pool.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ the stage
+from eqlab.pipeline.stage import Output, PoolStage  # noqa: E402  (the pool above needs none of it)
+
+
+def block_settings(study) -> dict:
+    sp = study.spectra
+    return {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
+            "dtype": sp.dtype, "k": sp.block_top_k, "tol": sp.tol, "max_iter": sp.max_iter}
+
+
+class BlockSpectraStage(PoolStage):
+    """Top eigenvalues of every layer's own Hessian block at each checkpoint (table `block_spectra`)."""
+    name, label = "blocks", "block spectra"
+    outputs = (Output("block_spectra", ("block_spectra",), block_settings,
+                      enabled=lambda study: study.spectra.block_top_k > 0),)
+
+    def open(self, ctx, spec):
+        from eqlab.pipeline.spectra import FamilySource
+        sp = ctx.study.spectra
+        source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
+        return BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=ctx.study.num_cpus / sp.workers)
+
+    def compute(self, ctx, pool, spec, step, state, out):
+        sp = ctx.study.spectra
+        rows = pool.run(state, k=sp.block_top_k, tol=sp.tol, max_iter=sp.max_iter, seed=ctx.study.seed)
+        rows = [{**r, "dtype": sp.dtype} for r in rows]
+        top = max(rows, key=lambda r: r["eigenvalue"])
+        ctx.log(f"[blocks] {spec.run_id}: step {step}: {len({r['block'] for r in rows})} blocks, sharpest "
+                f"{top['block']} ({top['eigenvalue']:.4g}), {sum(r['hvps'] for r in rows if r['rank'] == 0)} "
+                f"block HVPs ({sum(r['seconds'] for r in rows if r['rank'] == 0):.1f}s of actor time)")
+        return {"block_spectra": rows}
+
+
+STAGE = BlockSpectraStage()

@@ -19,6 +19,7 @@ from eqlab.analyses.discover import discover
 from eqlab.analyses.transforms import GLFamily, ScaleFamily, TranslationFamily
 from eqlab.models import build_task
 from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline.stage import Output, TaskStage
 from eqlab.pipeline.study import RunSpec
 from eqlab.pipeline.train import make_optimizer, minibatch_indices
 
@@ -30,9 +31,8 @@ def _conserved(t) -> bool:
     return not any(getattr(t, "output_scale", None) or []) and not any(getattr(t, "loss_rate", None) or [])
 
 
-def conservation_rows(spec: dict, checkpoint_dir: str, verify_examples: int = 32) -> list[dict]:
+def conservation_rows(run: RunSpec, checkpoint_dir: str, verify_examples: int = 32) -> list[dict]:
     torch.set_num_threads(1)
-    run = RunSpec(**{**spec, "checkpoint_steps": tuple(spec["checkpoint_steps"])})
     step = ckpt.load_metrics(checkpoint_dir)["step"]
     if step >= run.steps:
         return []  # no step after the last checkpoint
@@ -64,3 +64,25 @@ def conservation_rows(spec: dict, checkpoint_dir: str, verify_examples: int = 32
                      "eta2_term": float(run.lr ** 2 * torch.linalg.vector_norm(s.grad_term)),
                      "tolerance": s.tolerance, "verdict": s.verdict, "tolerance_reason": s.rounding_reason})
     return rows
+
+
+class ConservationStage(TaskStage):
+    name, label = "conservation", "conservation"
+    outputs = (Output("conservation", ("conservation",)),)
+
+    def wants(self, spec, step):
+        return step < spec.steps  # the step after the checkpoint is replayed
+
+    def compute(self, spec, checkpoint_dir, settings):
+        return conservation_rows(spec, checkpoint_dir)
+
+    def describe(self, spec, step, rows):
+        verdicts = sorted({r["verdict"] for r in rows})
+        exact = [r["residual"] for r in rows if not math.isnan(r["residual"])]
+        law = (f"exact law residual <= {max(exact):.1e} ({', '.join(verdicts)})" if exact else
+               f"no exact law for {spec.optimizer}: drift/lr up to "
+               f"{max((r['drift_per_lr'] for r in rows), default=0):.3g}")
+        return f"step {step}->{step + 1}: {len(rows)} conserved families, {law}"
+
+
+STAGE = ConservationStage()

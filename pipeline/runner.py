@@ -9,41 +9,23 @@ results folder is locked for the whole study (`pipeline.lock`).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import ray
 
 from eqlab.pipeline import checkpoint as ckpt
 from eqlab.pipeline import store
 from eqlab.pipeline.cluster import connect
 from eqlab.pipeline.hashing import config_hash
 from eqlab.pipeline.lock import results_lock
-from eqlab.pipeline.block_spectra import BlockSpectraPool
-from eqlab.pipeline.conservation_stage import conservation_rows
-from eqlab.pipeline.identities import identity_rows
-from eqlab.pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
+from eqlab.pipeline.identities import VERDICTS
+from eqlab.pipeline.stage import Checkpoints, StageContext, run_stages, task_sizes
+from eqlab.pipeline.stages import STAGES
 from eqlab.pipeline.study import RunSpec, Study
 from eqlab.pipeline.train import TrainResult, train_hash, train_run
-
-# identities.verdict values (analyses.identities computes them; the summary only counts them)
-VERDICTS = ("holds", "violated", "rejected", "not_discriminating")
-
-
-@dataclass
-class Checkpoints:
-    """What training left for the later stages: {step: folder}, each folder's stage key, divergence."""
-    steps: dict[int, Path]
-    keys: dict[int, str]             # step -> hash(training config, weights digest): every derived row's root
-    diverged_at: int | None = None
-
-
-def _stage_key(ck: Checkpoints, step: int, stage: str, *settings) -> str:
-    return config_hash(stage, ck.keys[step], *settings)
 
 
 @dataclass
@@ -58,13 +40,6 @@ class RunSummary:
     identities: dict[str, tuple[dict[str, int], tuple]] = field(default_factory=dict)
     # (optimizer, families, worst exact-law residual or None, max drift / lr)
     conservation: tuple | None = None
-
-
-def _n_params(spec: RunSpec) -> tuple[int, int, int]:
-    from eqlab.models import build_task
-
-    task = build_task(spec.family, spec.model, seed=spec.seed)
-    return sum(p.numel() for p in task.model.parameters()), len(task.train[1]), len(task.test[1])
 
 
 def _stage_train(study: Study, spec: RunSpec, results: Path, log) -> Checkpoints:
@@ -106,126 +81,13 @@ def _recorded_divergence(results: Path, spec: RunSpec) -> int | None:
 
 
 def _write_run_row(study: Study, spec: RunSpec, results: Path, thash: str, diverged_at: int | None) -> None:
-    n_params, n_train, n_test = _n_params(spec)
+    n_params, n_train, n_test = task_sizes(spec)
     store.write_rows(results, "runs", spec.run_id, store.RUN_LEVEL, [{
         "family": spec.family, "optimizer": spec.optimizer, "lr": spec.lr, "weight_decay": spec.weight_decay,
         "steps": spec.steps, "seed": spec.seed, "n_params": n_params, "n_train": n_train, "n_test": n_test,
         "train_workers": spec.train_workers, "config_json": json.dumps(asdict(spec)),
         "created_at": datetime.now(timezone.utc), "status": "ok" if diverged_at is None else "diverged",
         "diverged_at_step": diverged_at}], study.name, study.hash, thash)
-
-
-def _spectra_settings(study: Study) -> tuple[dict, dict]:
-    """The settings each table's rows depend on (so editing density_steps leaves the top-k rows alone)."""
-    sp = study.spectra
-    shared = {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
-              "dtype": sp.dtype}
-    return ({**shared, "top_k": sp.top_k, "tol": sp.tol, "max_iter": sp.max_iter},
-            {**shared, "probes": sp.density_probes, "steps": sp.density_steps})
-
-
-def _stage_spectra(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log) -> None:
-    """Top-k Lanczos (tables spectra, lanczos) and the SLQ density (densities) on one actor pool."""
-    sp = study.spectra
-    steps = ck.steps
-    top_set, dens_set = _spectra_settings(study)
-    top_key = {s: _stage_key(ck, s, "spectra", top_set) for s in steps}
-    dens_key = {s: _stage_key(ck, s, "densities", dens_set) for s in steps}
-    need_top = {s for s in steps if not (store.has_rows(results, "spectra", spec.run_id, s, top_key[s], log) and
-                                         store.has_rows(results, "lanczos", spec.run_id, s, top_key[s], log))}
-    need_density = {s for s in steps if sp.density_probes and
-                    not store.has_rows(results, "densities", spec.run_id, s, dens_key[s], log)}
-    todo = sorted(need_top | need_density)
-    if not todo:
-        log(f"[spectra] {spec.run_id}: all checkpoints done, skipping")
-        return
-    source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
-    n_micro = -(-min(sp.examples, _n_params(spec)[1]) // sp.microbatch)
-    workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
-    pool = ShardedHessian(source, workers, sp.dtype, cpus_per_worker=study.num_cpus / workers)
-    try:
-        for s in todo:
-            state = ckpt.load_state(steps[s])
-            if s in need_top:
-                rows, tri = spectrum_rows(pool, state, sp.top_k, sp.tol, sp.max_iter, seed=study.seed)
-                store.write_rows(results, "lanczos", spec.run_id, s, [tri], study.name, study.hash, top_key[s])
-                store.write_rows(results, "spectra", spec.run_id, s, rows, study.name, study.hash, top_key[s])
-                lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
-                log(f"[spectra] {spec.run_id}: step {s}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
-                    f"on {workers} actor(s) ({rows[0]['seconds']:.1f}s)")
-            if s in need_density:
-                rows = density_rows(pool, state, sp.density_probes, sp.density_steps, seed=study.seed)
-                store.write_rows(results, "densities", spec.run_id, s, rows, study.name, study.hash, dens_key[s])
-                log(f"[density] {spec.run_id}: step {s}: SLQ {len(rows)} probes x {len(rows[0]['alphas'])} "
-                    f"steps in lockstep ({sum(r['hvps'] for r in rows)} HVPs, {rows[0]['seconds']:.1f}s)")
-    finally:
-        pool.shutdown()
-
-
-def _stage_block_spectra(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log) -> None:
-    sp = study.spectra
-    steps = ck.steps
-    settings = {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
-                "dtype": sp.dtype, "k": sp.block_top_k, "tol": sp.tol, "max_iter": sp.max_iter}
-    key = {s: _stage_key(ck, s, "block_spectra", settings) for s in steps}
-    todo = [s for s in steps if not store.has_rows(results, "block_spectra", spec.run_id, s, key[s], log)]
-    if sp.block_top_k == 0 or not todo:
-        return
-    source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
-    pool = BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=study.num_cpus / sp.workers)
-    try:
-        for s in todo:  # blocks of one checkpoint are spread over the actors; checkpoints run in turn
-            rows = pool.run(ckpt.load_state(steps[s]), k=sp.block_top_k, tol=sp.tol, max_iter=sp.max_iter,
-                            seed=study.seed)
-            rows = [{**r, "dtype": sp.dtype} for r in rows]
-            store.write_rows(results, "block_spectra", spec.run_id, s, rows, study.name, study.hash, key[s])
-            top = max(rows, key=lambda r: r["eigenvalue"])
-            log(f"[blocks] {spec.run_id}: step {s}: {len({r['block'] for r in rows})} blocks, sharpest "
-                f"{top['block']} ({top['eigenvalue']:.4g}), {sum(r['hvps'] for r in rows if r['rank'] == 0)} "
-                f"block HVPs ({sum(r['seconds'] for r in rows if r['rank'] == 0):.1f}s of actor time)")
-    finally:
-        pool.shutdown()
-
-
-def _stage_identities(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log, inject=None) -> None:
-    steps = ck.steps
-    key = {s: _stage_key(ck, s, "identities", study.identities) for s in steps}
-    todo = [s for s in steps if not store.has_rows(results, "identities", spec.run_id, s, key[s], log)]
-    if not todo:
-        log(f"[identities] {spec.run_id}: all checkpoints done, skipping")
-        return
-    remote = ray.remote(num_cpus=1)(identity_rows)
-    ident = asdict(study.identities)
-    marker = (inject or {}).get("kill_identity_task_once")
-    pending = {remote.remote(asdict(spec), str(steps[s]), ident, marker): s for s in todo}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        s = pending.pop(ready[0])
-        rows = ray.get(ready[0])
-        store.write_rows(results, "identities", spec.run_id, s, rows, study.name, study.hash, key[s])
-        counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS if any(r["verdict"] == v for r in rows)}
-        log(f"[identities] {spec.run_id}: step {s}: {len(rows)} checks: "
-            + ", ".join(f"{n} {v}" for v, n in counts.items()))
-
-
-def _stage_conservation(study: Study, spec: RunSpec, ck: Checkpoints, results: Path, log) -> None:
-    steps = ck.steps
-    key = {s: _stage_key(ck, s, "conservation") for s in steps}
-    todo = [s for s in steps if s < spec.steps and
-            not store.has_rows(results, "conservation", spec.run_id, s, key[s], log)]
-    if not todo:
-        return
-    remote = ray.remote(num_cpus=1)(conservation_rows)
-    pending = {remote.remote(asdict(spec), str(steps[s])): s for s in todo}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        s = pending.pop(ready[0])
-        rows = ray.get(ready[0])
-        store.write_rows(results, "conservation", spec.run_id, s, rows, study.name, study.hash, key[s])
-        exact = [r["residual"] for r in rows if not math.isnan(r["residual"])]
-        law = f"exact law residual <= {max(exact):.1e}" if exact else \
-            f"no exact law for {spec.optimizer}: drift/lr up to {max((r['drift_per_lr'] for r in rows), default=0):.3g}"
-        log(f"[conservation] {spec.run_id}: step {s}->{s + 1}: {len(rows)} conserved families, {law}")
 
 
 def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
@@ -237,25 +99,19 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         log(f"eqlab: study {study.name!r} ({study.source}), {len(study.runs)} runs -> {results}")
         resources = connect(study.num_cpus, address=address, dashboard=dashboard)
         log(f"[ray] cluster ready: {resources.get('CPU', 0):g} CPUs ({time.time() - t0:.1f}s)")
+        ctx = StageContext(study, results, log, dict(inject or {}))
         for i, spec in enumerate(study.runs, 1):
             log(f"== run {i}/{len(study.runs)}: {spec.run_id}")
-            stage = "training"
+            stage = ["training"]  # what a Ctrl-C interrupted, for its one-line message
             try:
                 ck = _stage_train(study, spec, results, log)
                 if ck.diverged_at is not None:
                     log(f"[{spec.run_id}] diverged at step {ck.diverged_at}: later stages run only on the "
                         f"{len(ck.steps)} checkpoint(s) before it")
-                stage = "spectra"
-                _stage_spectra(study, spec, ck, results, log)
-                stage = "block spectra"
-                _stage_block_spectra(study, spec, ck, results, log)
-                stage = "identity checks"
-                _stage_identities(study, spec, ck, results, log, inject)
-                stage = "conservation"
-                _stage_conservation(study, spec, ck, results, log)
+                run_stages(STAGES, ctx, spec, ck, on_stage=lambda label: stage.__setitem__(0, label))
             except KeyboardInterrupt:
                 # Rows are written whole or not at all (store.write_rows), so nothing is half-written.
-                print(f"eqlab: interrupted during {stage} of run {spec.run_id!r}; every finished checkpoint "
+                print(f"eqlab: interrupted during {stage[0]} of run {spec.run_id!r}; every finished checkpoint "
                       f"and row is kept in {results}", file=sys.stderr)
                 raise
         log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")

@@ -18,7 +18,7 @@ from pathlib import Path
 from eqlab.models.registry import FAMILIES, OptionError, validate_options
 
 DEFAULT_STUDY = "default.toml"
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # sgd takes momentum; weight_decay: L2 (sgd, adam) or decoupled (adamw)
 DTYPES = ("float32", "float64")
 # Study and run names become folder names under results/: one safe path component each.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -160,17 +160,18 @@ class _Fields:
             raise StudyError(f"{self._name(extra[0])}: unknown field")
 
 
-def _run(table, i: int, seed: int, n_params: dict | None = None) -> RunSpec:
-    f = _Fields(table, f"runs[{i}]")
+def _run(table, i: int, seed: int, n_params: dict | None = None, where: str | None = None) -> RunSpec:
+    where = where or f"runs[{i}]"
+    f = _Fields(table, where)
     name = f.name("name", required=True)
     family = f.str("family", required=True, choices=tuple(FAMILIES))
     model = f._get("model", {}, False)
     if not isinstance(model, dict):
-        raise StudyError(f"runs[{i}].model: expected a table of model options")
+        raise StudyError(f"{where}.model: expected a table of model options")
     try:
         count = validate_options(family, model)  # names and values, plain Python (no torch)
     except OptionError as e:
-        raise StudyError(f"runs[{i}].model{'.' + e.key if e.key else ''}: {e}") from None
+        raise StudyError(f"{where}.model{'.' + e.key if e.key else ''}: {e}") from None
     if n_params is not None:
         n_params[i] = count
     steps = f.int("steps", required=True, minimum=1, maximum=MAX_STEPS)
@@ -178,12 +179,12 @@ def _run(table, i: int, seed: int, n_params: dict | None = None) -> RunSpec:
     explicit = f._get("checkpoint_steps", None, False)
     if explicit is not None:
         if not isinstance(explicit, list) or not explicit or len(explicit) > 1000:
-            raise StudyError(f"runs[{i}].checkpoint_steps: expected a list of 1 to 1000 integers in [0, {steps}]")
+            raise StudyError(f"{where}.checkpoint_steps: expected a list of 1 to 1000 integers in [0, {steps}]")
         for j, s in enumerate(explicit):
             if isinstance(s, bool) or not isinstance(s, int):  # bool is an int in Python: name it
-                raise StudyError(f"runs[{i}].checkpoint_steps[{j}]: expected an integer, got {s!r}")
+                raise StudyError(f"{where}.checkpoint_steps[{j}]: expected an integer, got {s!r}")
             if not 0 <= s <= steps:
-                raise StudyError(f"runs[{i}].checkpoint_steps[{j}]: must be in [0, {steps}] (got {s})")
+                raise StudyError(f"{where}.checkpoint_steps[{j}]: must be in [0, {steps}] (got {s})")
         ckpts = tuple(sorted(set(explicit) | {0}))
     else:
         ckpts = log_spaced_steps(steps, n_ckpt)
@@ -200,9 +201,76 @@ def _run(table, i: int, seed: int, n_params: dict | None = None) -> RunSpec:
     )
     f.done()
     if spec.train_workers > spec.batch_size:
-        raise StudyError(f"runs[{i}].train_workers: must be <= batch_size = {spec.batch_size} "
+        raise StudyError(f"{where}.train_workers: must be <= batch_size = {spec.batch_size} "
                          f"(each worker trains on its own slice of the minibatch; got {spec.train_workers})")
     return spec
+
+
+# Grid axes: run fields that take one value each; a grid expands bases × the product of the axes' values.
+# Each axis's short tag goes into the generated run name (cnn-sgd-lr0.05-s1), in this order.
+GRID_AXES = {"optimizer": "", "lr": "lr", "momentum": "mom", "weight_decay": "wd", "batch_size": "bs",
+             "steps": "steps", "seed": "s"}
+
+
+def _axis_value(axis: str, j: int, v):
+    """One axis value, checked as the run field it becomes (named grid.lr[1])."""
+    f = _Fields({axis: v}, "grid")
+    where = f"grid.{axis}[{j}]"
+    try:
+        if axis == "optimizer":
+            return f.str(axis, choices=OPTIMIZERS)
+        if axis == "lr":
+            return f.float(axis, positive=True)
+        if axis in ("momentum", "weight_decay"):
+            return f.float(axis, nonnegative=True)
+        if axis == "seed":
+            return f.int(axis, minimum=0, maximum=SEED_LIMIT - 1)
+        return f.int(axis, minimum=1, maximum=MAX_STEPS if axis == "steps" else 10**7)
+    except StudyError as e:
+        raise StudyError(where + str(e)[len(f"grid.{axis}"):]) from None
+
+
+def _tag(axis: str, v) -> str:
+    return f"{GRID_AXES[axis]}{v:g}" if isinstance(v, float) else f"{GRID_AXES[axis]}{v}"
+
+
+def expand_grid(grid) -> list[tuple[str, dict]]:
+    """[(where, run table)] for every base run × every combination of the axes, with readable names:
+    base name, then one tag per axis (``cnn-adam-lr0.001-s1``). Fields are checked where they are written."""
+    import itertools
+
+    g = _Fields(grid, "grid")
+    bases = g._get("runs", None, True)
+    if not isinstance(bases, list) or not bases:
+        raise StudyError("grid.runs: expected at least one [[grid.runs]] table (the runs the axes vary)")
+    axes = {}
+    for axis in GRID_AXES:
+        values = g._get(axis, None, False)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"grid.{axis}: expected a non-empty list of values")
+        axes[axis] = [_axis_value(axis, j, v) for j, v in enumerate(values)]
+        dup = next((v for v in axes[axis] if axes[axis].count(v) > 1), None)
+        if dup is not None:
+            raise StudyError(f"grid.{axis}: {dup!r} is listed twice")
+    g.done()
+    if not axes:
+        raise StudyError(f"grid: name at least one axis to vary ({', '.join(GRID_AXES)})")
+    out = []
+    for j, base in enumerate(bases):
+        if not isinstance(base, dict):
+            raise StudyError(f"grid.runs[{j}]: expected a table, got {type(base).__name__}")
+        clash = next((a for a in axes if a in base), None)
+        if clash:
+            raise StudyError(f"grid.runs[{j}].{clash}: set by the grid axis grid.{clash}; remove one of them")
+        if not isinstance(base.get("name"), str):
+            raise StudyError(f"grid.runs[{j}].name: required (the prefix of the generated run names)")
+        for combo in itertools.product(*axes.values()):
+            values = dict(zip(axes, combo))
+            name = "-".join([base["name"], *(_tag(a, v) for a, v in values.items())])
+            out.append((f"grid.runs[{j}] ({name})", {**base, **values, "name": name}))
+    return out
 
 
 def parse_study(data: dict, source: str = "") -> Study:
@@ -247,19 +315,21 @@ def parse_study(data: dict, source: str = "") -> Study:
                                 examples=idf.int("examples", di.examples, minimum=2, maximum=10**7),
                                 probes=idf.int("probes", di.probes, minimum=1, maximum=1000))
     idf.done()
-    runs_data = top._get("runs", None, True)
-    if not isinstance(runs_data, list) or not runs_data:
-        raise StudyError("runs: expected at least one [[runs]] table")
+    runs_data = top._get("runs", [], False)
+    grid = top._get("grid", None, False)
+    if not isinstance(runs_data, list) or (not runs_data and grid is None):
+        raise StudyError("runs: expected at least one [[runs]] table (or a [grid] of runs)")
+    tables = [(f"runs[{i}]", t) for i, t in enumerate(runs_data)] + (expand_grid(grid) if grid is not None else [])
     n_params: dict[int, int] = {}
-    runs = tuple(_run(t, i, seed, n_params) for i, t in enumerate(runs_data))
+    runs = tuple(_run(t, i, seed, n_params, where) for i, (where, t) in enumerate(tables))
     names = [r.run_id for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
-        raise StudyError(f"runs[{names.index(dup, names.index(dup) + 1)}].name: duplicate run name {dup!r}")
+        raise StudyError(f"{tables[names.index(dup, names.index(dup) + 1)][0]}.name: duplicate run name {dup!r}")
     for i, r in enumerate(runs):  # Lanczos cannot find more eigenvalues than the Hessian has
         if spectra.top_k > n_params[i]:
             raise StudyError(f"spectra.top_k: must be <= the parameter count of every run (got {spectra.top_k}; "
-                             f"runs[{i}] {r.run_id!r} has {n_params[i]} parameters)")
+                             f"{tables[i][0]} {r.run_id!r} has {n_params[i]} parameters)")
     top.done()
     return Study(name=name, seed=seed, num_cpus=num_cpus, runs=runs, spectra=spectra,
                  identities=identities, source=source)
@@ -286,6 +356,24 @@ def load_study(path: str | Path | None = None) -> Study:
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{source}: not valid TOML ({e})") from None
     return parse_study(data, source)
+
+
+def plan(study: Study) -> list[dict]:
+    """What each run will cost, from the config alone (no torch): parameters, steps, checkpoints, and
+    the HVPs its spectra may spend (caps: top-k Lanczos stops earlier when converged; block spectra,
+    identities and conservation come on top and depend on the model's blocks and symmetries)."""
+    sp = study.spectra
+    out = []
+    for r in study.runs:
+        n_ckpt = len(r.checkpoint_steps)
+        density = sp.density_probes * sp.density_steps
+        out.append({"run": r.run_id, "family": r.family, "optimizer": r.optimizer, "lr": r.lr,
+                     "weight_decay": r.weight_decay, "seed": r.seed,
+                     "parameters": validate_options(r.family, r.model), "steps": r.steps,
+                     "examples_trained": r.steps * r.batch_size, "checkpoints": n_ckpt,
+                     "checkpoint_steps": list(r.checkpoint_steps), "train_workers": r.train_workers,
+                     "hvps_planned_max": n_ckpt * (sp.max_iter + density)})
+    return out
 
 
 def local_cpus() -> int:

@@ -57,6 +57,8 @@ def _all_ranks_finite(value: float, world: int) -> bool:
 def make_optimizer(spec: RunSpec, params):
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":  # decoupled weight decay (Loshchilov & Hutter), torch's default betas
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 

@@ -46,7 +46,7 @@ def test_log_spaced_schedule():
 
 @pytest.mark.parametrize("mutate, field", [
     (lambda d: d["runs"][0].update(lr="fast"), "runs[0].lr"),
-    (lambda d: d["runs"][1].update(optimizer="adamw"), "runs[1].optimizer"),
+    (lambda d: d["runs"][1].update(optimizer="lion"), "runs[1].optimizer"),
     (lambda d: d["runs"][0].update(family="resnet9000"), "runs[0].family"),
     (lambda d: d["runs"][0]["model"].update(width=3), "runs[0].model.width"),
     (lambda d: d["runs"][0].pop("steps"), "runs[0].steps"),
@@ -90,7 +90,7 @@ def test_cli_rejects_bad_study_without_traceback_or_output(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", str(bad), "--results", str(out_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["eqlab: error: runs[0].optimizer: must be one of sgd, adam (got 'sgdd')"]
+    assert proc.stderr.strip().splitlines() == ["eqlab: error: runs[0].optimizer: must be one of sgd, adam, adamw (got 'sgdd')"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out_dir.exists()
 
@@ -124,3 +124,55 @@ def test_cli_unreachable_cluster_is_one_line_and_fast(tmp_path):
                            "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no Ray cluster answers at 127.0.0.1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def _grid_data(**axes):
+    data = default_data()
+    cnn = next(r for r in data.pop("runs") if r["name"] == "cnn")
+    base = {k: v for k, v in cnn.items() if k not in axes}
+    data["grid"] = {**axes, "runs": [base]}
+    return data
+
+
+def test_grid_expands_bases_times_axes_with_readable_names():
+    from eqlab.pipeline.study import load_study
+    study = parse_study(_grid_data(lr=[0.05, 0.01], seed=[0, 1], optimizer=["sgd", "adamw"]))
+    names = [r.run_id for r in study.runs]
+    assert len(names) == 8 and len(set(names)) == 8
+    assert "cnn-sgd-lr0.05-s0" in names and "cnn-adamw-lr0.01-s1" in names
+    r = next(r for r in study.runs if r.run_id == "cnn-adamw-lr0.01-s1")
+    assert (r.optimizer, r.lr, r.seed, r.family) == ("adamw", 0.01, 1, "digits_cnn")
+    shipped = load_study(str(resources.files("eqlab.pipeline.studies").joinpath("grid.toml")))
+    assert len(shipped.runs) == 8 and {r.family for r in shipped.runs} == {"digits_cnn", "modadd_gpt2"}
+
+
+@pytest.mark.parametrize("axes, mutate, field", [
+    ({"lr": [0.05, -1.0]}, None, "grid.lr[1]"),
+    ({"lr": []}, None, "grid.lr"),
+    ({"seed": [0, 0]}, None, "grid.seed"),
+    ({"optimizer": ["sgd", "rmsprop"]}, None, "grid.optimizer[1]"),
+    ({"lr": [0.1]}, lambda d: d["grid"]["runs"][0].update(lr=0.2), "grid.runs[0].lr"),
+    ({"lr": [0.1]}, lambda d: d["grid"].update(colour=["red"]), "grid.colour"),
+    ({"lr": [0.1]}, lambda d: d["grid"]["runs"][0].pop("name"), "grid.runs[0].name"),
+    ({"lr": [0.1]}, lambda d: d["grid"]["runs"][0].update(momentum=-1.0), "grid.runs[0] (cnn-lr0.1).momentum"),
+    ({}, None, "grid"),
+])
+def test_grid_errors_name_the_field(axes, mutate, field):
+    data = _grid_data(**axes)
+    if mutate:
+        mutate(data)
+    with pytest.raises(StudyError) as err:
+        parse_study(data)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_dry_run_lists_runs_and_costs_without_torch_or_ray(tmp_path):
+    grid = str(resources.files("eqlab.pipeline.studies").joinpath("grid.toml"))
+    code = ("import sys, json, io, contextlib; from eqlab.pipeline.cli import main; buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf): rc = main(['run', sys.argv[1], '--dry-run', '--json'])\n"
+            "rows = json.loads(buf.getvalue())\n"
+            "print(rc, len(rows), sorted(m for m in ('torch', 'ray') if m in sys.modules), rows[0]['parameters'])")
+    out = subprocess.run([sys.executable, "-c", code, grid], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    rc, n, loaded, params = out.stdout.split(maxsplit=3)
+    assert (rc, n, loaded) == ("0", "8", "[]"), out.stdout + out.stderr
+    assert int(params) > 0 and not list(tmp_path.iterdir())  # nothing written

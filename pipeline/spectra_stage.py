@@ -1,0 +1,57 @@
+"""The spectra stage: top-k Lanczos (tables `spectra`, `lanczos`) and the SLQ density (`densities`) of
+each checkpoint's Hessian, on one data-parallel actor pool per run (`pipeline/spectra.py`).
+
+Two outputs with their own settings, so editing density_steps recomputes only `densities`."""
+from __future__ import annotations
+
+from eqlab.pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
+from eqlab.pipeline.stage import Output, PoolStage, task_sizes
+from eqlab.pipeline.study import Study
+
+
+def _shared(study: Study) -> dict:
+    sp = study.spectra
+    return {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
+            "dtype": sp.dtype}
+
+
+def top_settings(study: Study) -> dict:
+    sp = study.spectra
+    return {**_shared(study), "top_k": sp.top_k, "tol": sp.tol, "max_iter": sp.max_iter}
+
+
+def density_settings(study: Study) -> dict:
+    sp = study.spectra
+    return {**_shared(study), "probes": sp.density_probes, "steps": sp.density_steps}
+
+
+TOP = Output("spectra", ("spectra", "lanczos"), top_settings)
+DENSITY = Output("densities", ("densities",), density_settings, enabled=lambda study: study.spectra.density_probes > 0)
+
+
+class SpectraStage(PoolStage):
+    name, label = "spectra", "spectra"
+    outputs = (TOP, DENSITY)
+
+    def open(self, ctx, spec):
+        sp = ctx.study.spectra
+        source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
+        n_micro = -(-min(sp.examples, task_sizes(spec)[1]) // sp.microbatch)
+        workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
+        return ShardedHessian(source, workers, sp.dtype, cpus_per_worker=ctx.study.num_cpus / workers)
+
+    def compute(self, ctx, pool, spec, step, state, out):
+        sp, seed = ctx.study.spectra, ctx.study.seed
+        if out is TOP:
+            rows, tri = spectrum_rows(pool, state, sp.top_k, sp.tol, sp.max_iter, seed=seed)
+            lam = ", ".join(f"{r['eigenvalue']:.4g}" for r in rows)
+            ctx.log(f"[spectra] {spec.run_id}: step {step}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
+                    f"on {pool.workers} actor(s) ({rows[0]['seconds']:.1f}s)")
+            return {"lanczos": [tri], "spectra": rows}
+        rows = density_rows(pool, state, sp.density_probes, sp.density_steps, seed=seed)
+        ctx.log(f"[density] {spec.run_id}: step {step}: SLQ {len(rows)} probes x {len(rows[0]['alphas'])} "
+                f"steps ({sum(r['hvps'] for r in rows)} HVPs, {rows[0]['seconds']:.1f}s)")
+        return {"densities": rows}
+
+
+STAGE = SpectraStage()

@@ -1,0 +1,4 @@
+"""The stages a study runs on every run's checkpoints, in order (each declared in its own module)."""
+from eqlab.pipeline import block_spectra, conservation_stage, identities, spectra_stage
+
+STAGES = (spectra_stage.STAGE, block_spectra.STAGE, identities.STAGE, conservation_stage.STAGE)
