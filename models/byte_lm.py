@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from eqlab.models.arrow_data import arrow_table, columns
 from eqlab.models.losses import logits_of
-from eqlab.models.stdlib_text import prose_bytes
+from eqlab.models.stdlib_text import prose_bytes, stdlib_root
 
 VOCAB = 256
 TRAIN_FRACTION = 0.9
@@ -26,8 +26,8 @@ def next_token_cross_entropy(outputs, targets) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def _windows(seq_len, n_train, n_test, seed):
-    corpus = torch.frombuffer(bytearray(prose_bytes()), dtype=torch.uint8).long()
+def _windows(seq_len, n_train, n_test, seed, root):
+    corpus = torch.frombuffer(bytearray(prose_bytes(root)), dtype=torch.uint8).long()
     cut, w = int(TRAIN_FRACTION * len(corpus)), seq_len + 1
     g = torch.Generator().manual_seed(seed)
     for split, lo, hi, n in (("train", 0, cut - w, n_train), ("test", cut, len(corpus) - w, n_test)):
@@ -37,7 +37,8 @@ def _windows(seq_len, n_train, n_test, seed):
 
 def byte_lm_data(seq_len=32, n_train=64, n_test=32, seed=0, dtype=torch.float32):
     """((inputs, targets), (inputs, targets)) of byte windows; ``dtype`` is unused (bytes are integers)."""
-    table = arrow_table(_windows, seq_len=seq_len, n_train=n_train, n_test=n_test, seed=seed)
+    table = arrow_table(_windows, seq_len=seq_len, n_train=n_train, n_test=n_test, seed=seed,
+                        root=str(stdlib_root()))  # the corpus's folder keys the cached table
     (windows,) = columns(table, ["window"])
     train = torch.tensor([s == "train" for s in table["split"]])
     return ((windows[train, :-1], windows[train, 1:]), (windows[~train, :-1], windows[~train, 1:]))

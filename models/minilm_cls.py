@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from eqlab.models.arrow_data import arrow_table, columns
-from eqlab.models.stdlib_text import TOPICS, labelled_docstrings
+from eqlab.models.stdlib_text import TOPICS, labelled_docstrings, stdlib_root
 
 TEST_FRACTION = 0.25
 
@@ -54,7 +54,7 @@ def tokenizer():
 def minilm_data(classes=4, seq_len=32, per_class=24, seed=0, dtype=torch.float32):
     """((ids, labels), (ids, labels)); each class's docstrings are drawn with the seed, a quarter of them
     (rounded) go to the test set. ``dtype`` is unused (token ids are integers)."""
-    table = arrow_table(labelled_docstrings, topics=TOPICS[:classes])
+    table = arrow_table(labelled_docstrings, topics=TOPICS[:classes], root=str(stdlib_root()))
     texts, (labels,) = table["text"], columns(table, ["label"])
     enc = tokenizer()(list(texts), truncation=True, max_length=seq_len, padding="max_length",
                       return_tensors="pt")

@@ -37,9 +37,10 @@ def _docstrings(path: Path):
                 yield doc
 
 
-def labelled_docstrings(topics=TOPICS):
-    """Rows {"text", "label"} in a fixed order (sorted file paths, then source order); tests excluded."""
-    root = stdlib_root()
+def labelled_docstrings(topics=TOPICS, root=None):
+    """Rows {"text", "label"} in a fixed order (sorted file paths, then source order); tests excluded.
+    ``root``: the stdlib folder (default: this Python's; passing it keys an Arrow cache to the Python)."""
+    root = Path(root) if root else stdlib_root()
     for label, package in enumerate(topics):
         for path in sorted((root / package).rglob("*.py")):
             if "test" in path.relative_to(root / package).parts[:-1] or path.name.startswith("test"):
@@ -49,6 +50,6 @@ def labelled_docstrings(topics=TOPICS):
                     yield {"text": " ".join(doc.split()), "label": label}
 
 
-def prose_bytes() -> bytes:
-    docs = (d for path in sorted(stdlib_root().glob("*.py")) for d in _docstrings(path))
+def prose_bytes(root=None) -> bytes:
+    docs = (d for path in sorted((Path(root) if root else stdlib_root()).glob("*.py")) for d in _docstrings(path))
     return "\n\n".join(docs).encode("utf-8")
