@@ -71,6 +71,8 @@ def _run(args) -> int:
     from eqlab.pipeline.study import check_local, load_study
 
     study = load_study(args.study)  # validates before anything starts or is written (no torch, no Ray)
+    if args.dry_run:
+        return _print_plan(study, args.json)
     if not args.address:
         check_local(study)  # the embedded cluster runs on this machine
     results = Path(args.results) if args.results else Path("results") / study.name
@@ -84,6 +86,64 @@ def _run(args) -> int:
     print_summary(summary)
     print(f"\nresults: {results}   (try: eqlab query --results {results} \"select * from spectra limit 5\")")
     return 0
+
+
+def _print_plan(study, as_json: bool) -> int:
+    """`eqlab run --dry-run`: the expanded runs and their planned cost; nothing starts or is written."""
+    import json
+
+    from eqlab.pipeline.study import plan
+
+    rows = plan(study)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"study {study.name!r} ({study.source}): {len(rows)} runs")
+    head = ("run", "family", "optimizer", "lr", "weight_decay", "seed", "parameters", "steps", "checkpoints",
+            "hvps_planned_max")
+    cells = [[f"{r[h]:g}" if isinstance(r[h], float) else str(r[h]) for h in head] for r in rows]
+    width = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    for line in [list(head), *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, width)).rstrip())
+    print(f"total: {sum(r['steps'] for r in rows)} training steps, {sum(r['checkpoints'] for r in rows)} "
+          f"checkpoints, at most {sum(r['hvps_planned_max'] for r in rows)} spectra HVPs (top-k Lanczos caps "
+          "plus SLQ; block spectra, identity checks and conservation come on top)")
+    return 0
+
+
+def _jobs_address(args) -> str:
+    import os
+
+    from eqlab.pipeline.jobs import DEFAULT_ADDRESS
+    return args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _submit(args) -> int:
+    from eqlab.pipeline.study import load_study
+
+    study = load_study(args.study)  # validated here: a bad field never reaches the cluster
+    from eqlab.pipeline import jobs
+
+    results = jobs.results_location(args.results, study)
+    job = jobs.submit(study, Path(args.study), _jobs_address(args), results)
+    print(job)
+    print(f"follow it: eqlab status {job} --address {_jobs_address(args)}   |   eqlab logs {job}", file=sys.stderr)
+    return 0
+
+
+def _status(args) -> int:
+    from eqlab.pipeline import jobs
+
+    for line in jobs.status_lines(_jobs_address(args), args.job):
+        print(line)
+    return 0
+
+
+def _logs(args) -> int:
+    from eqlab.pipeline import jobs
+
+    status = jobs.follow_logs(_jobs_address(args), args.job)
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _query(args) -> int:
@@ -194,7 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="where the tables go (default: results/<study name>)")
     r.add_argument("--address", help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
     r.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1) too")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the runs the study expands to (grids included) and their planned cost; run nothing")
+    r.add_argument("--json", action="store_true", help="with --dry-run: a JSON list, one object per run")
     r.set_defaults(func=_run)
+
+    jobs_help = "the cluster's Ray Jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    sb = sub.add_parser("submit", help="send a study to a running Ray cluster (Ray Jobs API); prints the job id")
+    sb.add_argument("study", help="study TOML file (validated here first)")
+    sb.add_argument("--address", help=jobs_help)
+    sb.add_argument("--results", help="where the job writes, a path on the cluster's head (made absolute here; "
+                                      "a shared mount for a remote cluster; default: results/<study name>)")
+    sb.set_defaults(func=_submit)
+    st = sub.add_parser("status", help="progress of submitted studies: runs done / running / pending, HVPs, ETA")
+    st.add_argument("job", nargs="?", help="a job id (default: every eqlab job on the cluster)")
+    st.add_argument("--address", help=jobs_help)
+    st.set_defaults(func=_status)
+    lg = sub.add_parser("logs", help="follow a submitted study's log until it ends")
+    lg.add_argument("job")
+    lg.add_argument("--address", help=jobs_help)
+    lg.set_defaults(func=_logs)
 
     q = sub.add_parser("query", help="run DuckDB SQL over a study's tables (each table is a view)")
     q.add_argument("sql", help='e.g. "select run_id, step, eigenvalue from spectra where rank = 0"')
