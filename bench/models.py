@@ -42,10 +42,11 @@ class Problem:
     model: nn.Module          # eval mode, float64 (convert copies for float32 speed runs)
     batches: list             # [(X, y), ...] defining the Hessian (example-weighted mean loss)
     blocks: dict              # block name -> parameter names (one block per layer)
+    loss_module: nn.Module | None = None  # None: plain nn.CrossEntropyLoss() (mean reduction)
 
     @property
     def loss(self):
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss() if self.loss_module is None else self.loss_module
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -54,8 +55,9 @@ class Problem:
         """The same problem in another dtype (a converted copy of the model and the inputs)."""
         import copy
         model = copy.deepcopy(self.model).to(dtype)
-        batches = [(X.to(dtype) if X.is_floating_point() else X, y) for X, y in self.batches]
-        return Problem(self.name, model, batches, self.blocks)
+        batches = [(X.to(dtype) if X.is_floating_point() else X, y.to(dtype) if y.is_floating_point() else y)
+                   for X, y in self.batches]
+        return Problem(self.name, model, batches, self.blocks, self.loss_module)
 
 
 def layer_blocks(model: nn.Module) -> dict:

@@ -8,6 +8,9 @@ Interface (flat vectors are 1-D tensors in the problem's dtype):
   ``slq(steps, probes, seed)``  -> (nodes, weights) pooled quadrature measure, or raises NotImplementedError
   ``block(names)``              -> an adapter restricted to a parameter block, or raises NotImplementedError
 
+``setup_s`` is the wall time of the library's own construction (not the harness's model copy), so a
+whole call is ``setup_s`` + the solve; ``gradients_setup`` counts the first-order passes it made.
+
 Each adapter works on its own deep copy of the model: PyHessian calls ``model.eval()`` and fills
 ``.grad`` with a create_graph backward, and eigenthings' finite-difference path writes to parameters.
 HVPs are counted by wrapping the library's matvec entry point, never by trusting its own counter.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 
 import numpy as np
 import torch
@@ -44,6 +48,8 @@ class Adapter:
         self.names = names or [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.dtype = next(self.model.parameters()).dtype
         self.n_hvp = 0
+        self.setup_s = 0.0
+        self.gradients_setup = 0
 
     @property
     def dim(self) -> int:
@@ -61,22 +67,29 @@ class Adapter:
 class Eqlab(Adapter):
     name = "eqlab"
 
-    def __init__(self, problem, names=None, method="auto", conv="auto"):
+    def __init__(self, problem, names=None, method="auto", conv="auto", basis_dtype=torch.float64):
         super().__init__(problem, names)
         from eqlab.analyses.curvature.operator import HessianOperator
+        t0 = time.perf_counter()
         self.op = HessianOperator(self.model, problem.loss, problem.batches, names=names, method=method, conv=conv)
+        self.setup_s = time.perf_counter() - t0
         self.method, self.conv = self.op.method, self.op.conv
+        self.n_hvp = self.op.hvps_setup  # products spent choosing the method count like any other
+        self.gradients_setup = self.op.gradients_setup
+        self.basis_dtype = basis_dtype  # float32 on the 22M-parameter models: 2·m·n·4 B of basis, not 8
 
     def matvec(self, v):
         self.n_hvp += 1
         return self.op.matvec(v)
 
-    def topk(self, k=5, tol=1e-8, max_iter=None, seed=0, rtol=None, min_iter=None):
+    def topk(self, k=5, tol=None, max_iter=None, seed=0, rtol=None, min_iter=None, verify=True):
+        """tol None: the dtype's default (√eps of the products' dtype), verification block on."""
         from eqlab.analyses.curvature.lanczos import lanczos
         before = self.n_hvp
         res = lanczos(self.matvec, self.dim, k=k, which="LA", tol=tol, max_iter=max_iter, seed=seed,
-                      rtol=rtol, min_iter=min_iter)
-        return res.eigenvalues.numpy(), self.n_hvp - before, res
+                      rtol=rtol, min_iter=min_iter, verify=verify, dtype=self.basis_dtype,
+                      precision=self.op.dtype, warn=False)
+        return res.eigenvalues.double().numpy(), self.n_hvp - before, res
 
     def trace(self, n, method="hutch++", seed=0):
         from eqlab.analyses.curvature.trace import hutchinson, hutchpp
@@ -104,8 +117,10 @@ class Curvlinops(Adapter):
         self.params = [ps[n] for n in self.names]
         n = sum(int(y.shape[0]) for _, y in problem.batches)
         # check_deterministic=False: it costs extra matvecs at construction (D.3: time it separately)
+        t0 = time.perf_counter()
         self.H = HessianLinearOperator(self.model, problem.loss, self.params, problem.batches,
                                        check_deterministic=False, num_data=n)
+        self.setup_s = time.perf_counter() - t0
 
     def matvec(self, v):
         self.n_hvp += 1
@@ -183,11 +198,14 @@ class PyHessian(Adapter):
         ph = importlib.import_module("pyhessian.hessian")
         self._ph = ph
         crit = problem.loss
+        t0 = time.perf_counter()
         with self._dtype_ctx():
-            if len(problem.batches) == 1:
+            if len(problem.batches) == 1:  # builds the create_graph gradient once (its fast mode)
                 self.h = ph.hessian(self.model, crit, data=problem.batches[0], cuda=False)
+                self.gradients_setup = 1
             else:
                 self.h = ph.hessian(self.model, crit, dataloader=problem.batches, cuda=False)
+        self.setup_s = time.perf_counter() - t0
         self._install_counter()
 
     @contextlib.contextmanager
@@ -264,8 +282,10 @@ class Eigenthings(Adapter):
         import hessian_eigenthings as he
         self.he = he
         keep = set(self.names)
+        t0 = time.perf_counter()
         self.op = he.HessianOperator(self.model, problem.batches, he.supervised_loss(problem.loss),
                                      param_filter=(lambda n, p: n in keep) if names else None)
+        self.setup_s = time.perf_counter() - t0
         orig = self.op.matvec
 
         def counted(v):

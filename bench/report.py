@@ -27,6 +27,17 @@ def _machine(threads) -> str:
             f"{torch.__version__}, torch threads {threads} in-process, 1 per Ray actor in M8")
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for dist in ("PyHessian", "curvlinops-for-pytorch", "hessian-eigenthings", "transformers", "scipy", "numpy"):
+        try:
+            out.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            out.append(f"{dist} missing")
+    return ", ".join(out)
+
+
 def _table(df: pd.DataFrame, metric: str, ratio_to_eqlab: bool = False) -> str:
     d = df[df.metric == metric]
     if d.empty:
@@ -56,9 +67,13 @@ def _targets(df: pd.DataFrame) -> list[str]:
                df.setting.str.startswith(setting_prefix)]
         return d.value.tolist()
 
-    # T1: time to top-5 at 1e-3 <= half the fastest peer's, with <= 40 HVPs
+    # T0 (issue 14): whole call (construction included) ahead of the fastest exact peer at equal or
+    # better accuracy (top-5 within 1e-3 of the truth / reference), on every model and dtype measured
+    out.extend(_whole_call_targets(df))
+    # T1 (issue 4, solve+construction): time to top-5 at 1e-3 <= half the fastest peer's, with <= 40 HVPs
     for model in sorted(df[df.metric == "M3_best_time"].model.unique()):
-        d = df[(df.metric == "M3_best_time") & (df.model == model) & df.setting.str.endswith("median")]
+        d = df[(df.metric == "M3_best_time") & (df.model == model) & df.setting.str.endswith("median")
+               & ~df.setting.str.startswith("float64")]
         peers = d[d.library.isin(PEERS)]
         fastest = None if peers.empty else peers.loc[peers.value.idxmin()]
         for lib in ("eqlab", "eqlab[compiled]"):
@@ -114,6 +129,50 @@ def _targets(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def _whole_call_targets(df: pd.DataFrame) -> list[str]:
+    out = []
+    small = df[(df.metric == "M3_best_time") & df.setting.str.endswith(" median")]
+    for (model, dt), d in small.assign(dt=small.setting.str.extract(r"^(float\d+) ")[0].fillna("float32")) \
+            .groupby(["model", "dt"]):
+        eq, peers = d[d.library == "eqlab"], d[d.library.isin(PEERS)]
+        if eq.empty:
+            out.append(f"- **Whole call ahead of the fastest exact peer, {model} {dt}**: eqlab met top-5 at 1e-3 "
+                       "at no swept setting: **missed**")
+            continue
+        t = float(eq.value.iloc[0])
+        if peers.empty:
+            out.append(f"- **Whole call ahead of the fastest exact peer, {model} {dt}**: eqlab {t:.3f} s; "
+                       "no peer met 1e-3: **met**")
+            continue
+        f = peers.loc[peers.value.idxmin()]
+        out.append(f"- **Whole call ahead of the fastest exact peer, {model} {dt}** (top-5 within 1e-3 of dense "
+                   f"float64 eigh, construction included, medians): eqlab {t:.3f} s vs {f.library} {f.value:.3f} s "
+                   f"(ratio {t / f.value:.2f}): **{'met' if t < f.value else 'missed'}**")
+    big = df[(df.metric == "R_top5_whole_time") & df.setting.str.contains(" median of ")]
+    errs = df[df.metric == "R_top5_err"]
+    for model, d in big.groupby("model"):
+        err = {r.library: r.value for r in errs[errs.model == model].itertuples()}
+        eq = d[d.library == "eqlab"]
+        if eq.empty:
+            continue
+        t, e = float(eq.value.iloc[0]), err.get("eqlab", float("nan"))
+        ok_peers = d[d.library.isin(PEERS) & d.library.map(lambda lib: err.get(lib, np.inf) <= 1e-3)]
+        others = ", ".join(f"{r.library} {r.value:.1f} s (err {err.get(r.library, np.nan):.1e})"
+                           for r in d[d.library.isin(PEERS)].itertuples())
+        head = (f"- **Whole call ahead of the fastest exact peer, {model} float32** (top-5 within 1e-3 of the "
+                f"float64 ARPACK reference, construction included, medians): eqlab {t:.1f} s (err {e:.1e}); "
+                f"peers {others}")
+        if not e <= 1e-3:
+            out.append(f"{head}: **missed** (eqlab not within 1e-3)")
+        elif ok_peers.empty:
+            out.append(f"{head}; no peer within 1e-3: **met**")
+        else:
+            f = ok_peers.loc[ok_peers.value.idxmin()]
+            out.append(f"{head}; fastest within 1e-3 {f.library} (ratio {t / f.value:.2f}): "
+                       f"**{'met' if t < f.value else 'missed'}**")
+    return out
+
+
 SECTIONS = [
     ("Problem sizes", "n_params", False),
     ("Ground-truth cross-check (dense fwd-over-rev vs double-backward matvec)", "truth_check", False),
@@ -124,7 +183,10 @@ SECTIONS = [
     ("M3 — sweep: top-5 max relative error per setting (float32 runs vs float64 truth)", "M3_sweep_err", False),
     ("M3 — sweep: HVPs per setting", "M3_sweep_hvps", False),
     ("M3 — cheapest passing setting: HVPs", "M3_best_hvps", False),
-    ("M3 — cheapest passing setting: wall time (s, interleaved repeats)", "M3_best_time", False),
+    ("M3 — cheapest passing setting: WHOLE-CALL wall time, the library's construction included (s, fresh operator per repeat, interleaved; float64 rows at the float32 setting, their error in the next table)", "M3_best_time", False),
+    ("M3 — float64 whole call: top-5 error at the float32 setting", "M3_f64_err", False),
+    ("M3 — cheapest passing setting: solve time alone, operator built beforehand (s, interleaved)", "M3_solve_time", False),
+    ("M3 — first-order passes spent at construction", "M3_setup_gradients", False),
     ("M3 — eqlab[compiled]: one-time torch.compile cost (s, not in the times above; inductor's on-disk cache may be warm from earlier runs, cold ≈ 35 s for the GPT-2)", "M3_compile_time", False),
     ("M4 — trace relative error (float64)", "M4_trace_rel_err", False),
     ("M5 — SLQ density W1 / spectral width (float64)", "M5_w1_over_width", False),
@@ -133,6 +195,23 @@ SECTIONS = [
     ("M8 — matvec time, Ray actors, 1 thread each, over the same-node channel (default) and over Ray calls only (s)", "M8_matvec_time", False),
     ("M8 — parallel efficiency t1 / (2·t2)", "M8_parallel_efficiency", False),
     ("M8 — per-product overhead of 2 actors over perfect halving, t2 − t1/2 (ms, medians)", "M8_overhead", False),
+    ("Realistic sizes — reference (float64 ARPACK, ncv 20, tol 1e-10, on eqlab's float64 operator; no dense truth at 22M parameters)", "R_reference", False),
+    ("Realistic sizes — reference: true relative residuals", "R_reference_residual", False),
+    ("Realistic sizes — reference: cost", "R_reference_cost", False),
+    ("Realistic sizes — top-5: WHOLE-CALL wall time (s, construction included, float32, 1 thread, one process, interleaved)", "R_top5_whole_time", False),
+    ("Realistic sizes — top-5: max relative error vs the reference", "R_top5_err", False),
+    ("Realistic sizes — top-5: HVPs, setup included", "R_top5_hvps", False),
+    ("Realistic sizes — top-5: eqlab pairs reported converged (residual rule + verification block)", "R_top5_converged", False),
+    ("Realistic sizes — float32 vs float64 product (the floor of any float32 residual)", "R_matvec_f32_vs_f64", False),
+    ("Realistic sizes — top-5: first-order passes at construction", "R_top5_gradients_setup", False),
+    ("Realistic sizes — top-5: construction time alone (s)", "R_top5_setup_time", False),
+    ("Realistic sizes — top-5: peak memory of the call above the process's resident size before it (MB; includes the harness's 90 MB model copy)", "R_top5_peak_mb", False),
+    ("Realistic sizes — trace estimate at 30 products (no exact trace at this size)", "R_trace_estimate", False),
+    ("Realistic sizes — trace: distance to the median of the libraries' estimates", "R_trace_vs_median", False),
+    ("Realistic sizes — trace: whole-call time (s)", "R_trace_time", False),
+    ("Realistic sizes — SLQ density: whole-call time (s)", "R_density_time", False),
+    ("Realistic sizes — SLQ density: top Ritz node vs reference λ1", "R_density_top_node_err", False),
+    ("Realistic sizes — wall time of the part (s)", "R_wall", False),
     ("MiniLM-L6 — HVP / gradient (float32, batch 4×64, subprocess per library; eqlab_dbl/_fwd/_cached = its three exact methods)", "MiniLM_hvp_over_grad", False),
     ("MiniLM-L6 — HVP time (s)", "MiniLM_hvp_time", False),
     ("MiniLM-L6 — peak RSS (MB)", "MiniLM_peak_rss", False),
@@ -149,12 +228,17 @@ def write(rows, notes, outdir: Path, threads, repeats, quick, seconds):
           f"- Mode: {'quick' if quick else 'full'}; timing repeats {repeats} for M1 (interleaved, rotated order, "
           "warm-up 3), median and minimum reported; total wall time "
           f"{seconds:.0f} s. Timings are noisy: other engineers' jobs share the 2 cores.",
-          "- Versions: PyHessian 0.1, curvlinops-for-pytorch 3.0.1, hessian-eigenthings 1.0.0a5 (see bench/requirements*.txt).",
+          f"- Versions: {_versions()} (pins: bench/requirements*.txt).",
           f"- Models: digits CNN (`digits_cnn` {CNN_OPTIONS}, BatchNorm **frozen (eval mode)** after 200 "
           "SGD steps, so every peer differentiates the same function; PyHessian forces eval mode anyway) on a fixed "
           "512 batch (`cnn_b512`) and on all 1797 digits as batches of 600/500/400/297 (`cnn_all1797`); "
           f"1-layer GPT-2 on a+b mod 11 (`modadd_gpt2` {GPT_OPTIONS}, eager attention, 300 Adam steps) "
-          "(`gpt2_modadd`); MiniLM-L6 (pooler frozen, eager attention) for throughput and memory only. "
+          "(`gpt2_modadd`); realistic sizes (`bench/realistic.py`): MiniLM-L6 with its real pretrained weights "
+          "(`minilm_l6`, 22.6M trainable, pooler frozen, eager attention, batch 4×64 of real text, half squared "
+          "error of the mean-pooled embedding against a fixed random target) and a GPT-2-small-shaped LM "
+          "(`gpt2s_3l`: GPT-2 small's blocks, 768 wide, 12 heads, MLP 3072, 3 layers, byte vocabulary, 21.5M, "
+          "40 Adam steps on real text, next-byte cross-entropy on a held-out 2×64 batch; full GPT-2 small's "
+          "124M needs a ≈ 40 GB Lanczos basis at m = 40, more than this machine). "
           "Problems were sized down from the brief's (4, 8)/16 CNN and d=16 transformer so dense truth builds in "
           "about a minute on the shared machine.", "",
           "## Targets", ""] + _targets(df) + [""]
