@@ -22,10 +22,12 @@ def _mlp(act, seed=0):
     return model, F.cross_entropy, batch
 
 
-def loss_change(model, loss, batch, edit):
+def loss_change(model, loss, batch, edit, low=None):
     """(|L(edited) − L| / max|L|, its rounding level) in float64: the level is γ_n(u)·(|L| + |L'| + 2·M_f)
     / max|L| — each loss a chain of n-term sums (n = 2·params + inputs + outputs, identities' model), plus
-    what a relative rounding of every output entry does to L (M_f = Σ|∂L/∂f·f|)."""
+    what a relative rounding of every output entry does to L (M_f = Σ|∂L/∂f·f|). ``low = (dtype, m)``: an op
+    the model computes in a coarser dtype whatever its own (Mixtral's router softmax in float32), reducing
+    over m entries, adds its γ_{m+1}(u_low) to the level."""
     moved = copy.deepcopy(model)
     with torch.no_grad():
         edit(dict(moved.named_parameters()))
@@ -38,7 +40,10 @@ def loss_change(model, loss, batch, edit):
         L1 = loss(moved(x), y)
     mf = float((gf * f).detach().abs().sum())
     s = max(abs(float(L0)), abs(float(L1)))
-    level = gamma(chain_length(model, batch), unit_roundoff(torch.float64)) * (abs(float(L0)) + abs(float(L1)) + 2 * mf) / s
+    g = gamma(chain_length(model, batch), unit_roundoff(torch.float64))
+    if low is not None:
+        g += gamma(low[1] + 1, unit_roundoff(low[0]))
+    level = g * (abs(float(L0)) + abs(float(L1)) + 2 * mf) / s
     return abs(float(L1) - float(L0)) / s, level
 
 

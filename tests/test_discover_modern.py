@@ -180,3 +180,59 @@ def test_neox_non_rotary_dims_keep_their_full_gl():
     assert r <= level, (r, level)
     r, level = loss_change(model, loss, batch, qk_edit(list(range(rot))))   # negative: on the rotary dims
     assert r > 1e3 * level, (r, level)
+
+
+# ------------------------------------------------------------------------------- Falcon (MQA), Mixtral (MoE)
+def test_falcon_multi_query_attention_through_x_at_weight_transpose():
+    from eqlab.analyses.discover.zoo import ZOO
+
+    model, loss, batch = ZOO["FalconForCausalLM"]()      # 4 query heads, one K/V head, x @ W.T projections
+    d = discover(model, loss, batch)
+    dh = model.config.hidden_size // model.config.num_attention_heads
+    vo = _one(d, "vo_gl")
+    assert vo.verdict == "exact" and vo.transformation.n_generators == dh ** 2, vo.as_row()
+    assert [len(b) for b in vo.transformation.blocks] == [1 + 4]  # the one V head and all four O slices
+    assert _one(d, "qk_commutant").transformation.n_generators == dh   # RoPE pairs of the one K head
+    assert _one(d, "head_permutation").verdict == "exact"
+    # independent check: fused [q heads | k | v] rows; M on the V rows needs M^{-T} on every head's O slice
+    H, D = 4, model.config.hidden_size
+    w, o = "transformer.h.0.self_attention.query_key_value.weight", "transformer.h.0.self_attention.dense.weight"
+    v_rows = slice(H * dh + dh, H * dh + 2 * dh)
+    M = _random_gl(dh, 2)
+
+    def edit(heads):
+        def e(p):
+            p[w][v_rows] = M.T @ p[w][v_rows]
+            for h in heads:
+                p[o][:, h * dh:(h + 1) * dh] = p[o][:, h * dh:(h + 1) * dh] @ torch.linalg.inv(M).T
+        return e
+
+    r, level = loss_change(model, loss, batch, edit(range(H)))
+    assert r <= level and D == H * dh, (r, level)
+    r, level = loss_change(model, loss, batch, edit(range(H - 1)))   # negative: one O slice left out
+    assert r > 1e3 * level, (r, level)
+
+
+def test_mixtral_experts_written_with_index_add_are_used_and_the_router_shift_is_exact():
+    from eqlab.analyses.discover.zoo import ZOO
+
+    model, loss, batch = ZOO["MixtralForCausalLM"]()
+    d = discover(model, loss, batch)
+    # the experts accumulate into their output with an in-place index_add_: the graph follows the mutation
+    assert "unused_parameter" not in d.families(verified_only=False)
+    router = [f for f in d.found if f.transformation.family == "softmax_translation" and "gate" in f.transformation.name]
+    assert len(router) == 1 and router[0].verdict == "exact", [f.as_row() for f in d.found]
+    g = "model.layers.0.mlp.gate.weight"
+    shift = torch.randn(model.config.hidden_size, dtype=torch.float64)
+
+    def edit(rows):
+        def e(p):
+            p[g][rows] += shift       # the same vector added to these experts' router rows
+        return e
+
+    E = model.config.num_local_experts
+    low = (torch.float32, E)   # Mixtral takes the router softmax in float32 inside the float64 model
+    r, level = loss_change(model, loss, batch, edit(list(range(E))), low)  # every expert: softmax, top-k keep
+    assert r <= level, (r, level)
+    r, level = loss_change(model, loss, batch, edit([0]), low)             # negative: one expert only
+    assert r > 1e3 * level, (r, level)

@@ -106,6 +106,8 @@ def _rotary_qk(graph: Graph, q, kt, sm):
         return reject(site, "qk_gl", "Q/K: the queries or keys are not a projection followed by parameter-free "
                       "ops (e.g. a per-head QK norm with a gain sits in between)")
     Jq, Jk = cm.feature_maps(aq, rq, q), cm.feature_maps(ak, rk, kt, transpose=True)
+    if Jq is not None and Jk is not None and Jk.shape[2] == 1 < Jq.shape[2]:
+        Jk = Jk.expand(-1, -1, Jq.shape[2], -1, -1)   # multi-query: the score matmul broadcasts one K head
     if Jq is None or Jk is None or Jq.shape[2] != Jk.shape[2]:
         return reject(site, "qk_gl", "Q/K: the region between the projections and the scores is not linear and "
                       "token-local, or query and key head counts differ")
@@ -212,17 +214,18 @@ def _query_key(graph: Graph, op, q, kt, sm):
     site = f"attention scores at op {sm.index}"
     aq, cq = _producer_affine(graph, q)
     ak, ck = _producer_affine(graph, kt)
-    if aq is None or ak is None or aq.w_out is None or ak.w_out is None:
-        found = _rotary_qk(graph, q, kt, sm)   # a linear but position-dependent region (RoPE)
+    lq = lk = None
+    if aq is not None and ak is not None and aq.w_out is not None and ak.w_out is not None:
+        lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
+            axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
+    if lq is None or lk is None:
+        # not a plain projection (walking back through a cat can follow the non-rotary half of a partial
+        # rotary embedding): measure the linear, position-dependent region instead (RoPE)
+        found = _rotary_qk(graph, q, kt, sm)
         if found is None:
             return _qk_norm(graph, q, kt, sm), None, None, None, None
         cands, (aq, ak, heads_q, heads_k) = found
         return cands, heads_q, heads_k, aq, ak
-    lq, lk = axis_labels_nd(cq, tuple(aq.op.outputs[0].shape), -1), \
-        axis_labels_nd(ck, tuple(ak.op.outputs[0].shape), -1)
-    if lq is None or lk is None:
-        reject(site, "qk_gl", "Q/K: projection features do not reach the scores as whole features (labels mix)")
-        return [], None, None, None, None
     heads_q = _per_head(lq, -1)           # q: (..., Tq, d): features last, tokens second to last
     heads_k = _per_head(lk.transpose(-1, -2), -1)  # kᵀ: (..., d, Tk)
     if not heads_q or not heads_k or len(heads_q) != len(heads_k):
@@ -292,6 +295,11 @@ def _value_output(graph: Graph, sm, heads_q):
     from eqlab.analyses.discover.graph import propagate
 
     n_flat = o.shape[-1]
+    if o.dim() >= 3 and len(heads_v) != o.shape[-3]:
+        if v.dim() >= 3 and v.shape[-3] == 1 and len(heads_v) == 1:   # multi-query: one V head broadcast
+            heads_v = heads_v * o.shape[-3]
+        else:
+            return no(f"{len(heads_v)} value heads do not line up with the {o.shape[-3]} heads of P @ V")
     # label o's entries by the V feature they carry: heads from the batch/head axes, features from the last
     lab = torch.empty(o.shape, dtype=torch.float64)
     hv = torch.tensor(heads_v, dtype=torch.float64)        # (heads, d)

@@ -104,6 +104,14 @@ def _snap(R):
 
 def pair_basis(As, m):
     """Basis of {(M, N): M A + A Nᵀ = 0 ∀ A ∈ As} (As: (K, m, m) float64) as sparse [mode, i, j, v] lists."""
+    # the condition is linear in A: the ≤ m² matrices s_i·v_i of span(As)'s SVD (however many tokens and
+    # examples gave As) stack to a C with the same singular values and null space, since As = U·(S·Vh) with
+    # U orthonormal; each keeps its weight s_i (a unit v_i of a weak direction would carry SVD noise of
+    # ~u/s_i into the constraints). Directions under 1e-12 of the largest are the noise floor.
+    flat = As.reshape(As.shape[0], -1)
+    _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    keep = s > 1e-12 * float(s.max())
+    As = (s[keep, None] * vh[keep]).reshape(-1, m, m)
     cols = []
     for k in range(2 * m * m):
         x = torch.zeros(2 * m * m, dtype=torch.float64)
@@ -112,7 +120,9 @@ def pair_basis(As, m):
         cols.append((M @ As + As @ N.T).reshape(-1))
     C = torch.stack(cols, 1)
     C = C / C.abs().max()
-    _, S, Vh = torch.linalg.svd(C, full_matrices=True)
+    # only V is needed: with at least as many rows as unknowns the thin SVD has all of it (the full one
+    # would build a rows x rows U — B·T²·m² squared — which is what made this slow)
+    _, S, Vh = torch.linalg.svd(C, full_matrices=C.shape[0] < C.shape[1])
     S = torch.cat([S, torch.zeros(Vh.shape[0] - S.numel(), dtype=S.dtype)])
     null = Vh[S < 1e-9 * float(S.max())]
     if null.numel() == 0:

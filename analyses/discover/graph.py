@@ -87,19 +87,23 @@ class _Recorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.ops: list[Op] = []
+        self._latest: dict[int, torch.Tensor] = {}   # id(mutated tensor) -> the tensor holding its new value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         func, args, kwargs, target = _out_of_place(func, args, kwargs)
         out = func(*args, **kwargs)
         if target is not None:
-            # the model may keep using the mutated object (``x.add_(y)`` without rebinding): give it the
-            # new value too; the returned fresh tensor carries the dataflow for code that rebinds
-            # (``h += r``, ``x = relu(x, inplace=True)``), which is how residual adds are written.
+            # the model may keep using the mutated object (``x.add_(y)``, MoE's ``acc.index_add_(...)``
+            # without rebinding): give it the new value, and record later reads of it as reads of ``out``,
+            # so the dataflow through the mutation is kept; code that rebinds (``h += r``) reads ``out``.
             target.copy_(out)
         outs = [x for x in tree_flatten(out)[0] if torch.is_tensor(x)]
         if outs:
             leaves, spec = tree_flatten((args, kwargs))
+            leaves = [self._latest.get(id(x), x) if torch.is_tensor(x) else x for x in leaves]
+            if target is not None and torch.is_tensor(out):
+                self._latest[id(target)] = out
             name = getattr(func, "__name__", str(func))
             self.ops.append(Op(len(self.ops), name, func, leaves, spec, outs))
         return out

@@ -62,8 +62,11 @@ def affine(graph, op) -> Affine | None:
         return Affine(op, x, graph.param(w), graph.param(b), 1, 0, -1, -1, "linear")
     if op.name in ("matmul", "mm") and len(P) == 2:
         x, w = L[P[0]], L[P[1]]
-        if graph.param(w) is None or graph.param(x) is not None or w.dim() != 2:
+        if graph.param(x) is not None or w.dim() != 2:
             return None
+        if graph.param(w) is None:  # x @ W.T with W an (out, in) parameter (Falcon's FalconLinear)
+            wt = transposed_param(graph, w)
+            return None if wt is None else Affine(op, x, wt, None, 0, 1, -1, -1, "linear")
         return Affine(op, x, graph.param(w), None, 1, 0, -1, -1, "linear")
     if op.name.startswith("conv") and op.name[-2:] in ("1d", "2d", "3d"):
         x, w, b = op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias")
@@ -102,13 +105,29 @@ def affine(graph, op) -> Affine | None:
     return None
 
 
+def transposed_param(graph, t) -> str | None:
+    """The 2-d parameter whose ``.T`` (a property read, recorded as ``__get__``) t is, or None."""
+    prod = graph.producer(t)
+    if prod is None or prod[0].name != "__get__":
+        return None
+    ps = [prod[0].leaves[p] for p in prod[0].tensor_positions() if graph.param(prod[0].leaves[p])]
+    if len(ps) != 1 or ps[0].dim() != 2 or tuple(t.shape) != tuple(ps[0].shape[::-1]) or not torch.equal(t, ps[0].t()):
+        return None
+    return graph.param(ps[0])
+
+
+def _only_feeds(graph, op, target) -> bool:
+    """``op`` is a ``.T`` read whose result only ``target`` consumes: part of target, not another use."""
+    return op.name == "__get__" and all(c is target for o in op.outputs for c, _ in graph.consumers(o))
+
+
 def shared_caveats(graph, a: Affine) -> list[str]:
     """Parameters of ``a`` that other ops also read (tied embeddings, shared layers)."""
     out = []
     for name in (a.weight, a.bias):
         if name is None:
             continue
-        others = {op.name for op, _ in graph.param_uses(name) if op is not a.op}
+        others = {op.name for op, _ in graph.param_uses(name) if op is not a.op and not _only_feeds(graph, op, a.op)}
         if others:
             out.append(f"parameter {name} is shared with other ops ({', '.join(sorted(others))}), "
                        "e.g. tied embeddings: the transformation also moves those")

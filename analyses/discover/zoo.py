@@ -1,0 +1,84 @@
+"""Tiny configs of `transformers` classes, one per mechanism discovery must read (for the architecture x
+symmetry table and the speed check): ``ZOO[name]() -> (model, loss, batch)``, float64, eager attention, no
+dropout, 1 layer, hidden 32. Weights at std 0.3 (not 0.02) so that attention is far from uniform."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, LAYERS, HEADS = 32, 1, 4
+
+
+def _ids(vocab=11, seq=5, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, vocab, (n,), generator=g)
+
+
+def _last_token_ce(out, y):
+    return F.cross_entropy(out.logits[:, -1], y)
+
+
+def _ce(out, y):
+    return F.cross_entropy(out.logits, y)
+
+
+def _common(**kw):
+    return dict(vocab_size=11, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, max_position_embeddings=20, tie_word_embeddings=False, bos_token_id=0,
+                eos_token_id=0, pad_token_id=None, initializer_range=0.3, **kw)
+
+
+def _build(config, model_cls, loss=_last_token_ce, batch=None, seed=0):
+    config._attn_implementation = "eager"        # SDPA has no double backward on the CPU
+    config._experts_implementation = "eager"     # MoE: the per-expert loop (grouped_mm has no float64)
+    torch.manual_seed(seed)
+    model = model_cls(config).double()
+    with torch.no_grad():  # norm gains start at 1: make them generic so gain symmetries are not degenerate
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model, loss, batch if batch is not None else _ids()
+
+
+def _lm(cfg, cls, **kw):
+    import transformers as tf
+
+    return lambda: _build(getattr(tf, cfg)(**_common(**kw)), getattr(tf, cls))
+
+
+def _mobilevit():
+    import transformers as tf
+
+    c = tf.MobileViTConfig(image_size=32, patch_size=2, num_channels=3, hidden_sizes=[16, 16, 16],
+                           neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32], num_attention_heads=2, num_labels=3,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+    return _build(c, tf.MobileViTForImageClassification, _ce, batch)
+
+
+def _gpt2():
+    import transformers as tf
+
+    c = tf.GPT2Config(vocab_size=11, n_positions=20, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=2 * HIDDEN,
+                      activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, initializer_range=0.3)
+    return _build(c, tf.GPT2LMHeadModel)
+
+
+ZOO = {
+    "GPT2LMHeadModel": _gpt2,
+    "LlamaForCausalLM": _lm("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2),
+    "Qwen2ForCausalLM": _lm("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2),
+    "Qwen3ForCausalLM": _lm("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=8),
+    "GPTNeoXForCausalLM": _lm("GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.25, hidden_dropout=0.0,
+                              attention_dropout=0.0),
+    "GemmaForCausalLM": _lm("GemmaConfig", "GemmaForCausalLM", num_key_value_heads=2, head_dim=8),
+    "Gemma2ForCausalLM": _lm("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8),
+    "PhiForCausalLM": _lm("PhiConfig", "PhiForCausalLM", resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+    "FalconForCausalLM": _lm("FalconConfig", "FalconForCausalLM", hidden_dropout=0.0, attention_dropout=0.0),
+    "Olmo2ForCausalLM": _lm("Olmo2Config", "Olmo2ForCausalLM", num_key_value_heads=2),
+    "MixtralForCausalLM": _lm("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2),
+    "MobileViTForImageClassification": _mobilevit,
+}
