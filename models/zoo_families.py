@@ -5,6 +5,9 @@ expected to carry (declared in `eqlab.models.symmetry_decls`).
 """
 from __future__ import annotations
 
+import json
+import os
+
 from eqlab.models import symmetry_decls as expect
 from eqlab.models.registry import GPT2_ACTIVATIONS, Family, Option, OptionError
 
@@ -29,6 +32,40 @@ def _minilm_params(o: dict) -> int:
     emb = (MINILM["vocab"] + MINILM["positions"] + 2) * h + 2 * h
     layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
     return emb + o["layers"] * layer + (h * h + h) + (h * c + c)
+
+
+# --------------------------------------------------------------------------------------------- hf_text_cls
+def _folder_config(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _hf_text_cross(o: dict) -> OptionError | None:
+    config = _folder_config(o["path"])
+    if config is None:
+        return OptionError("path", f"not a transformers checkpoint folder (no readable config.json): {o['path']!r}")
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if layers is not None and o["layers"] > layers:
+        return OptionError("layers", f"must be <= {layers}, the checkpoint's layers (got {o['layers']})")
+    return None
+
+
+def _hf_text_params(o: dict) -> int:
+    """BERT checkpoints exactly (encoder, pooler, head); 0 (not known before loading) for other types."""
+    c = _folder_config(o["path"]) or {}
+    if c.get("model_type") != "bert":
+        return 0
+    h, i, k = c["hidden_size"], c["intermediate_size"], o["classes"]
+    emb = (c["vocab_size"] + c["max_position_embeddings"] + c.get("type_vocab_size", 2)) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+    return emb + (o["layers"] or c["num_hidden_layers"]) * layer + (h * h + h) + (h * k + k)
+
+
+def _hf_text_symmetries(o: dict) -> dict:
+    return expect.minilm_cls(o) if (_folder_config(o["path"]) or {}).get("model_type") == "bert" else {}
 
 
 # ----------------------------------------------------------------------------------------------- gpt2_text
@@ -120,6 +157,17 @@ ZOO: dict[str, Family] = {
                                      why="logging has 113 docstrings of 20+ words; longer seq_len leaves fewer")},
         defaults={"layers": 2, "classes": 4, "seq_len": 32, "per_class": 24},
         n_params=_minilm_params, symmetries=expect.minilm_cls),
+    "hf_text_cls": Family(
+        "eqlab.models.text_classifier:hf_text_cls", "eqlab.models.text_classifier:hf_text_cls_data",
+        "eqlab.models.losses:cross_entropy", ("path", "classes", "seq_len", "per_class"),
+        options={"path": Option("str"),
+                 "layers": Option("int", minimum=0, maximum=1024, why="0 keeps all of the checkpoint's layers"),
+                 "classes": Option("int", minimum=2, maximum=4, why="the topics are asyncio, email, logging, tkinter"),
+                 "seq_len": Option("int", minimum=4, maximum=8192),
+                 "per_class": Option("int", minimum=2, maximum=100,
+                                     why="logging has 113 docstrings of 20+ words; longer seq_len leaves fewer")},
+        defaults={"path": "", "layers": 0, "classes": 4, "seq_len": 32, "per_class": 24},
+        n_params=_hf_text_params, cross_check=_hf_text_cross, symmetries=_hf_text_symmetries),
     "gpt2_text": Family(
         "eqlab.models.gpt2_text:gpt2_text", "eqlab.models.byte_lm:byte_lm_data",
         "eqlab.models.byte_lm:next_token_cross_entropy", ("seq_len", "n_train", "n_test"),

@@ -71,7 +71,7 @@ def _same(a, b) -> bool:
 
 
 def test_every_family_is_tested_here():
-    assert set(ZOO) == set(FAMILIES)
+    assert set(ZOO) | {"hf_text_cls"} == set(FAMILIES)  # hf_text_cls: its own test (a checkpoint folder)
 
 
 @pytest.mark.parametrize("family", ZOO)
@@ -225,3 +225,46 @@ def test_declared_symmetries_hold_in_float64_and_controls_fail(family):
     # Llama take softmax in float32 inside a float64 model, so their bound is ~1e-6, not ~1e-13)
     worst = max(checks, key=lambda c: c.residual / c.tolerance)
     assert worst.residual >= 1e3 * worst.tolerance, [(c.order, c.residual, c.tolerance) for c in checks]
+
+
+def test_any_local_bert_checkpoint_folder_fine_tunes_the_same_way(tmp_path):
+    """hf_text_cls on a folder saved here: a small BERT (random weights, MiniLM's tokenizer files)."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    from eqlab.models.minilm_cls import tokenizer
+
+    torch.manual_seed(7)
+    BertModel(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                         max_position_embeddings=32)).save_pretrained(tmp_path / "bert")
+    tokenizer().save_pretrained(tmp_path / "bert")
+    opts = {"path": str(tmp_path / "bert"), "layers": 1, "seq_len": 16, "per_class": 8}
+    with pytest.raises(OptionError) as e:
+        validate_options("hf_text_cls", {**opts, "layers": 3})
+    assert e.value.key == "layers"
+    with pytest.raises(OptionError) as e:
+        validate_options("hf_text_cls", {**opts, "path": str(tmp_path)})
+    assert e.value.key == "path"
+    task = build_task("hf_text_cls", opts, dtype=torch.float64)
+    assert validate_options("hf_text_cls", opts) == sum(p.numel() for p in task.model.parameters())
+    saved = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    mine = {k.removeprefix("bert."): v for k, v in task.model.state_dict().items()}
+    kept = [k for k in saved if saved[k].is_floating_point() and not k.startswith("encoder.layer.1.")]
+    assert kept and all(torch.equal(mine[k], saved[k].double()) for k in kept)
+    assert task.train[0].shape == (24, 16) and task.train[1].bincount().tolist() == [6] * 4
+    # the declared symmetries (BERT's) verify in float64; the controls are rejected
+    model, batch = task.model.train(), _small_batch(task)
+    found = discover(model, task.loss, batch, verify_examples=EXAMPLES)
+    assert len(expected_symmetries("hf_text_cls", opts)) >= 3
+    assert missing_symmetries("hf_text_cls", opts, found) == []
+    controls = negative_controls(model, task.loss, batch)
+    assert controls and all(rejected(check_all(model, task.loss, batch, controls, probes=1)).values())
+    # and it trains
+    opt, losses = torch.optim.Adam(model.parameters(), lr=1e-2), []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = task.loss(model(task.train[0]), task.train[1])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
