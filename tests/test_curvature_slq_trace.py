@@ -131,3 +131,24 @@ def test_probe_path_is_a_rule_on_the_operator_and_both_paths_agree(gpt2):
         slq(op.matvec, op.dim, steps=2, probes=1, lockstep=True)
     with pytest.raises(ValueError, match="lockstep=False needs a matvec"):
         slq(None, op.dim, steps=2, probes=1, matmat=op.matmat, lockstep=False)
+
+
+def test_trace_columns_follow_the_same_rule_and_the_estimate_does_not_depend_on_it(gpt2):
+    op, H, _ = gpt2
+    widths = []
+
+    def matmat(V):
+        widths.append(V.shape[1])
+        return op.matmat(V)
+
+    one_by_one = hutchpp(op.matvec, op.dim, n_matvec=12, seed=3, matmat=matmat)
+    assert one_by_one.path == "sequential" and widths == []
+    together = hutchpp(op.matvec, op.dim, n_matvec=12, seed=3, matmat=matmat, lockstep=True)
+    assert together.path == "lockstep" and widths == [4, 4, 4]
+    only = hutchinson(None, op.dim, n_matvec=5, seed=3, matmat=op.matmat)
+    assert only.path == "lockstep" and only.n_matvec == 5
+    # the same random vectors, so only product rounding differs: ‖ΔHz‖ ≤ dim·eps·‖H‖_F·‖z‖ (γ_dim), and
+    # ‖z‖² = dim for a Rademacher sample (≤ dim·eps·‖H‖_F·dim each), 1 for the 4 sketch columns
+    fro = float(torch.linalg.matrix_norm(H))
+    tol = op.dim * 2.0 ** -52 * fro * (op.dim + 4)
+    assert abs(one_by_one.estimate - together.estimate) <= tol

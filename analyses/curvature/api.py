@@ -199,7 +199,8 @@ class Hessian:
             self._note_graphs()
 
     def trace(self, n_matvec: int | None = None, seed: int = 0) -> TraceEstimate:
-        """tr H by Hutch++ (`trace.hutchpp`) with ``n_matvec`` products (this dtype's row by default)."""
+        """tr H by Hutch++ (`trace.hutchpp`) with ``n_matvec`` products (this dtype's row by default); its
+        columns go as `slq.probe_path` rules (in this process: one by one), recorded in ``path``."""
         try:
             return hutchpp(self.operator.matvec, self.dim,
                            n_matvec=self.defaults.trace_matvecs if n_matvec is None else n_matvec,

@@ -150,8 +150,9 @@ def rademacher_probes(dim: int, probes: int, seed: int, dtype=torch.float64, dev
 
 
 def probe_path(matvec: Callable | None, matmat: Callable | None, lockstep: bool | None = None) -> tuple[str, str]:
-    """("sequential" | "lockstep", why): how `slq` runs its probes. A rule on what the operator is, not a
-    timing, so the same call always takes the same path.
+    """("sequential" | "lockstep", why): how `slq` runs its probes (and the trace estimators their
+    columns, `trace`). A rule on what the operator is, not a timing, so the same call always takes the
+    same path.
 
     Lockstep saves *round trips*, not arithmetic: one multi-column product per step instead of one per
     probe. That pays where every call crosses processes (a pool of Ray actors, `pipeline.spectra`, whose
@@ -161,13 +162,13 @@ def probe_path(matvec: Callable | None, matmat: Callable | None, lockstep: bool 
     runs the probes one after another. ``lockstep`` True/False overrides the rule."""
     if lockstep is not None:
         if lockstep and matmat is None:
-            raise ValueError("slq: lockstep=True needs a matmat")
+            raise ValueError("lockstep=True needs a matmat")
         if not lockstep and matvec is None:
-            raise ValueError("slq: lockstep=False needs a matvec")
+            raise ValueError("lockstep=False needs a matvec")
         return ("lockstep" if lockstep else "sequential"), "given"
     if matvec is None:
         if matmat is None:
-            raise ValueError("slq: give a matvec or a matmat")
+            raise ValueError("give a matvec or a matmat")
         return "lockstep", "only a multi-column product was given"
     owner = getattr(matvec, "__self__", None)
     if matmat is not None and getattr(owner, "actors", None) is not None:
