@@ -236,3 +236,33 @@ def test_mixtral_experts_written_with_index_add_are_used_and_the_router_shift_is
     assert r <= level, (r, level)
     r, level = loss_change(model, loss, batch, edit([0]), low)             # negative: one expert only
     assert r > 1e3 * level, (r, level)
+
+
+def test_gemma2_attention_through_the_logit_softcap_and_offset_gains_explained():
+    from eqlab.analyses.discover.zoo import ZOO
+
+    model, loss, batch = ZOO["Gemma2ForCausalLM"]()   # scores -> c·tanh(s/c) -> softmax; RMSNorm gain (1 + w)
+    assert model.config.attn_logit_softcapping
+    d = discover(model, loss, batch)
+    dh, kv = model.config.head_dim, model.config.num_key_value_heads
+    qk = _one(d, "qk_commutant")
+    assert qk.verdict == "exact" and qk.transformation.n_generators == kv * dh, qk.as_row()
+    assert _one(d, "vo_gl").verdict == "exact" and _one(d, "head_permutation").verdict == "exact"
+    gains = [r for r in d.rejected if r.family == "gain_rescale"]
+    assert gains and all("(1 + w)" in r.reason for r in gains)
+    # independent check: q rows of KV group 0 (query heads 0, 1) x 3, k rows of KV head 0 / 3 keep every
+    # q·k, so the softcap sees the same scores; q alone changes them, and the softcap does not hide it
+    a = "model.layers.0.self_attn."
+
+    def edit(k_too):
+        def e(p):
+            p[a + "q_proj.weight"][: 2 * dh] *= 3.0
+            if k_too:
+                p[a + "k_proj.weight"][:dh] /= 3.0
+        return e
+
+    low = (torch.float32, batch[0].shape[1])   # Gemma 2's eager softmax runs in float32
+    r, level = loss_change(model, loss, batch, edit(True), low)
+    assert r <= level, (r, level)
+    r, level = loss_change(model, loss, batch, edit(False), low)
+    assert r > 1e3 * level, (r, level)

@@ -8,6 +8,7 @@ The V side: the matmul of that softmax's output with another projected tensor, w
 """
 from __future__ import annotations
 
+from eqlab.analyses.discover.algebra import Cause
 from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
@@ -17,23 +18,31 @@ from eqlab.analyses.transforms import GLFamily, TranslationFamily
 _MASKING = {"add", "mul", "div", "__add__", "__mul__", "__truediv__", "masked_fill", "where", "type", "to"}
 
 
+_SOFTCAP = {"tanh"}   # parameter-free elementwise maps of the scores (Gemma 2's softcap c·tanh(s/c))
+
+
 def _to_softmax(graph: Graph, t):
-    """Follow t through scalings/masks (no parameters) to a softmax over the last axis: (softmax op, why
-    not "" ) or (None, why not)."""
-    for _ in range(8):
+    """Follow t through scalings/masks and parameter-free softcaps to a softmax over the last axis:
+    (softmax op, why not, names of the nonlinear maps passed) — (None, why not, []) when there is none."""
+    passed = []
+    for _ in range(12):
         cons = graph.consumers(t)
         if len(cons) != 1:
-            return None, f"the product is read by {len(cons)} ops, not one softmax path"
+            return None, f"the product is read by {len(cons)} ops, not one softmax path", []
         op, pos = cons[0]
         if op.name == "softmax":
             dim = op.arg(1, "dim", -1)
-            return (op, "") if dim % t.dim() == t.dim() - 1 else (None, "the softmax is not over the key axis")
-        if op.name not in _MASKING or graph.has_param_input(op):
+            if dim % t.dim() != t.dim() - 1:
+                return None, "the softmax is not over the key axis", []
+            return op, "", passed
+        if op.name in _SOFTCAP and not graph.has_param_input(op):
+            passed.append(op.name)   # keeps whatever keeps every q·k; a per-query score shift it does not
+        elif op.name not in _MASKING or graph.has_param_input(op):
             return None, (f"between the scores and a softmax sits {op.name}"
                           + (" with a parameter (a learned score bias or softcap)" if graph.has_param_input(op) else
-                             ", which is not a scaling or additive mask"))
+                             ", which is not a scaling, additive mask or softcap")), []
         t = op.outputs[0]
-    return None, "no softmax within 8 ops of the product"
+    return None, "no softmax within 12 ops of the product", []
 
 
 def _precision_caveats(sm) -> list:
@@ -159,12 +168,18 @@ def attention_groups(graph: Graph) -> list:
         q, kt = op.leaves[P[0]], op.leaves[P[1]]
         if q.dim() < 3 or graph.param(q) or graph.param(kt):
             continue
-        sm, why = _to_softmax(graph, op.outputs[0])
+        sm, why, softcap = _to_softmax(graph, op.outputs[0])
         if sm is None:
             if graph.has_param_input(op) is False and _is_projected(graph, q) and _is_projected(graph, kt):
                 reject(f"matmul at op {op.index}", "qk_gl", f"not read as attention scores: {why}")
             continue
         qk, heads_q, heads_k, aq, ak = _query_key(graph, op, q, kt, sm)
+        if softcap:  # a key-bias translation shifts each query's scores by a constant: softmax-only
+            cause = Cause(f"the scores pass {', '.join(softcap)} (a softcap) before the softmax: a per-query score "
+                          "shift is not removed by it", "softcap", soft=False)
+            for c in qk:
+                if c.transformation.family == "key_bias_translation":
+                    c.caveats.append(cause)
         out += qk
         vo = _value_output(graph, sm, heads_q)
         if vo is None:

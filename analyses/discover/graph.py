@@ -25,14 +25,14 @@ from eqlab.analyses.discover.ops import ELEMENTWISE_ACT
 STRUCTURAL = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "split",
               "chunk", "__getitem__", "select", "narrow", "squeeze", "unsqueeze", "t", "clone", "to", "type",
               "float", "double", "half", "bfloat16", "cat", "dropout", "view_as", "reshape_as", "movedim",
-              "expand", "identity"}
+              "expand", "identity", "type_as"}
 POOLING = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
            "adaptive_max_pool2d", "adaptive_max_pool3d"}
 SCALAR = {"mul", "div", "__mul__", "__truediv__", "__rmul__"}  # by a parameter-free scalar
 # Replayed as the identity on labels: casts, dropout, scalar multiples, and elementwise activations (which
 # keep each feature where it is; whether they keep the *symmetry* is the pattern's business).
-LABEL_IDENTITY = {"to", "type", "float", "double", "half", "bfloat16", "dropout", "identity", "clone",
+LABEL_IDENTITY = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "dropout", "identity", "clone",
                   "contiguous"} | SCALAR | ELEMENTWISE_ACT
 
 

@@ -225,6 +225,20 @@ def _elementwise_region(graph: Graph, x):
     return exits[0], sorted({o.name for o in ops})
 
 
+def _no_gain_reason(graph: Graph, op) -> str:
+    """Why a normalisation has no gain to rescale: none, or an offset gain (1 + w) (Gemma's RMSNorm)."""
+    cons = graph.consumers(op.outputs[0])
+    params = set(graph._param)
+    for c, pos in cons[:1]:
+        for p in c.tensor_positions():
+            prod = graph.producer(c.leaves[p]) if p != pos else None
+            if c.name in ("mul", "__mul__") and prod and prod[0].name in ("add", "__add__", "__radd__") \
+                    and graph.ancestors(c.leaves[p]) & params:
+                return ("the gain is an offset (1 + w) applied after the norm: its rescale w -> a(1 + w) - 1 is "
+                        "affine, not a scaling (not implemented)")
+    return "the normalisation has no gain parameter"
+
+
 def activation_pairs(graph: Graph) -> list[Pair]:
     from eqlab.analyses.discover.norms import _param_dependent
 
@@ -250,7 +264,7 @@ def activation_pairs(graph: Graph) -> list[Pair]:
         elif op.name in NORM_OPS:
             prod, act, pchain = affine(graph, op), None, []
             if prod is None or prod.weight is None:
-                reject(f"{op.name} at op {op.index}", "gain_rescale", "the normalisation has no gain parameter")
+                reject(f"{op.name} at op {op.index}", "gain_rescale", _no_gain_reason(graph, op))
                 continue
             start = op.outputs[0]
         else:
