@@ -63,12 +63,17 @@ def _stage_train(study: Study, spec: RunSpec, results: Path, log) -> Checkpoints
     for table in store.TABLES_BY_RUN:  # rows of steps this configuration no longer has (an edited schedule)
         store.prune(results, table, spec.run_id, keep=set(res.checkpoints))
     for s, d in res.checkpoints.items():
-        if done:
+        # per-step metrics: the steps before checkpoint s, saved in its metrics.json (also filled in for a
+        # results folder written before the table existed)
+        need_metrics = not done or not store.has_rows(results, "metrics", spec.run_id, s, keys[s], log)
+        if done and not need_metrics:
             continue
         m = ckpt.load_metrics(d)
-        row = {k: m[k] for k in ("train_loss", "test_loss", "train_acc", "test_acc", "param_norm", "grad_norm")}
-        store.write_rows(results, "checkpoints", spec.run_id, s, [{**row, "checkpoint_uri": str(d)}],
-                         study.name, study.hash, keys[s])
+        if not done:
+            row = {k: m[k] for k in ("train_loss", "test_loss", "train_acc", "test_acc", "param_norm", "grad_norm")}
+            store.write_rows(results, "checkpoints", spec.run_id, s, [{**row, "checkpoint_uri": str(d)}],
+                             study.name, study.hash, keys[s])
+        store.write_rows(results, "metrics", spec.run_id, s, m.get("history", []), study.name, study.hash, keys[s])
     if not done:
         _write_run_row(study, spec, results, thash, res.diverged_at)
     return Checkpoints(res.checkpoints, keys, res.diverged_at)

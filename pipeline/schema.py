@@ -4,9 +4,10 @@ Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERS
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
+SCHEMA_VERSION = 4  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
 #                    3: spectra.hvp_method / hvp_method_reason; conservation.tolerance / verdict /
 #                       tolerance_reason
+#                    4: metrics (per training step); inspections' discovery verdict columns
 
 # Columns every row carries: the row key (study, run_id, step) and the schema version.
 _KEY = [
@@ -44,6 +45,12 @@ TABLES: dict[str, pa.Schema] = {
         ("param_norm", pa.float64()),
         ("grad_norm", pa.float64()),
         ("checkpoint_uri", pa.string()),
+    ]),
+    "metrics": pa.schema(_KEY + [  # every training step; key step = the checkpoint that follows it
+        ("train_step", pa.int64()),
+        ("loss", pa.float64()),          # the minibatch's training loss (mean over DDP ranks)
+        ("grad_norm", pa.float64()),     # ‖∇L‖ of that minibatch (DDP-averaged gradient), before the step
+        ("lr", pa.float64()),
     ]),
     "spectra": pa.schema(_KEY + [
         ("which", pa.string()),          # LA (largest algebraic) or SA (smallest)

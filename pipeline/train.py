@@ -44,6 +44,23 @@ class TrainResult:
     diverged_at: int | None = None     # first step whose training loss (or weights) was not finite
 
 
+def _all_ranks_mean(value: float, world: int) -> float:
+    """The mean over ranks of one number (NaN or inf anywhere makes it non-finite on every rank, so the
+    ranks agree on divergence as they must: one would otherwise skip a report barrier)."""
+    t = torch.tensor([value], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / world
+
+
+def _grad_norm(model) -> float:
+    """‖∇L‖ of this step's (DDP-averaged) minibatch gradient, in float64."""
+    sq = [p.grad.detach().double().square().sum() for p in model.parameters() if p.grad is not None]
+    return math.sqrt(float(sum(sq))) if sq else 0.0
+
+
 def _all_ranks_finite(value: float, world: int) -> bool:
     """Whether every rank saw a finite loss (ranks must agree, or one would skip a report barrier)."""
     ok = torch.tensor([1.0 if math.isfinite(value) else 0.0])
@@ -109,6 +126,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(plain) if world > 1 else plain  # DDP over gloo on CPUs
     X, y = task.train
     checkpoints = set(spec.checkpoint_steps)
+    history: list[dict] = []  # per-step metrics since the last checkpoint, saved with the next one
     for step in range(start, spec.steps + 1):
         if step in checkpoints and not (restored is not None and step == start):
             metrics = {"step": step, **(evaluate(task, plain) if rank == 0 else {})}
@@ -117,7 +135,9 @@ def train_loop(config: dict) -> None:
                 return _report_divergence(step, rank, config["train_hash"])
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    ckpt.save(d, plain, metrics, opt, config_hash=config["train_hash"])
+                    # the steps since the last checkpoint travel in its metrics.json, not in Ray's report
+                    ckpt.save(d, plain, {**metrics, "history": history}, opt, config_hash=config["train_hash"])
+                    history = []
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                                      checkpoint_dir_name=ckpt.step_dir_name(step))
                 else:
@@ -129,9 +149,13 @@ def train_loop(config: dict) -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model(X[idx]), y[idx])
-        if not _all_ranks_finite(float(loss), world):
+        mean_loss = _all_ranks_mean(float(loss), world)
+        if not math.isfinite(mean_loss):
             return _report_divergence(step, rank, config["train_hash"])
         loss.backward()
+        if rank == 0:
+            history.append({"train_step": step, "loss": mean_loss, "grad_norm": _grad_norm(plain),
+                            "lr": float(opt.param_groups[0]["lr"])})
         opt.step()
 
 

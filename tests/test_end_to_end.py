@@ -23,7 +23,7 @@ STUDY = {
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
     ],
 }
-TABLES = ["runs", "checkpoints", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation"]
+TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,23 @@ def test_symmetries_hold_and_negative_control_fails_at_every_checkpoint(finished
         if control and order == 2:
             assert best >= 1e-2, (run, fam, dtype, best)
     assert any(r[4] for r in rows), "no negative control was checked"
+
+
+def test_every_training_step_has_one_metrics_row(finished):
+    """Each step's minibatch loss, gradient norm and lr, stored under the checkpoint that follows it."""
+    study, results, _ = finished
+    for spec in study.runs:
+        _, rows = run_query(results, f"""select step, train_step, loss, grad_norm, lr from metrics
+                                         where run_id = '{spec.run_id}' order by train_step""")
+        assert [r[1] for r in rows] == list(range(spec.steps)), spec.run_id   # once each, none lost
+        ck = sorted(spec.checkpoint_steps)
+        for step, t, loss, gn, lr in rows:  # the key is the first checkpoint after the step
+            assert step == min(c for c in ck if c > t) and loss > 0 and gn > 0 and lr == spec.lr
+    # the loss at a checkpoint's last step is of the order of that checkpoint's training loss
+    _, [(ratio,)] = run_query(results, """
+        select max(m.loss / c.train_loss) from metrics m join checkpoints c using (run_id, step)
+        where m.train_step = c.step - 1 and c.step > 10""")
+    assert 0.2 < ratio < 5, ratio
 
 
 def test_conserved_quantities_follow_the_optimizer_law(finished):
