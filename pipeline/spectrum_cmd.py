@@ -92,17 +92,17 @@ def compute_spectrum(ref: str, top: int = 5, bottom: int = 0, block: str | None 
         if (density or trace) and backend is not None:
             raise ValueError("--density/--trace run on full vectors; drop --sharded-basis for them")
         if density:  # raw tridiagonals are kept so the density can be re-smoothed without new HVPs
-            # probes in lockstep: one multi-column product per step (one round trip per step on actors)
+            # slq.probe_path: probe after probe in process, lockstep (one multi-column product per step) on actors
             d = slq(matvec, dim, steps=min(density_steps, dim), probes=probes, seed=seed, matmat=matmat)
             nodes, weights = d.pooled()
             out["density"] = {"steps": density_steps, "probes": probes, "hvps": d.n_matvec,
                               "nodes": nodes.tolist(), "weights": weights.tolist(),
-                              "alphas": d.alphas, "betas": d.betas}
+                              "alphas": d.alphas, "betas": d.betas, "path": d.path, "path_reason": d.path_reason}
             out["hvps"] += d.n_matvec
         if trace:
             t = hutchpp(matvec, dim, n_matvec=trace_matvecs, seed=seed, matmat=matmat)
             out["trace"] = {"method": "hutch++", "estimate": t.estimate, "std_error": t.std_error,
-                            "hvps": t.n_matvec}
+                            "hvps": t.n_matvec, "path": t.path}
             out["hvps"] += t.n_matvec
     finally:
         if pool is not None:
