@@ -1,4 +1,4 @@
 """Network builders and their data. Plain PyTorch and transformers: no Ray, no files."""
-from eqlab.models.registry import FAMILIES, Task, build_task
+from eqlab.models.registry import FAMILIES, Task, build_task, expected_symmetries, missing_symmetries
 
-__all__ = ["FAMILIES", "Task", "build_task"]
+__all__ = ["FAMILIES", "Task", "build_task", "expected_symmetries", "missing_symmetries"]

@@ -1,7 +1,7 @@
-"""The model-zoo families (issue 10): pretrained MiniLM fine-tuning, GPT-2 and Llama byte LMs, ViT,
-transformers ResNet and a VGG-style CNN. Plain Python like `eqlab.models.registry`, which merges these
-into its FAMILIES: options with types and ranges, parameter counts, and the symmetries each family is
-expected to carry (declared in `eqlab.models.symmetry_decls`).
+"""The model-zoo families (issue 10): pretrained MiniLM (and any local checkpoint folder) fine-tuning,
+GPT-2 and Llama byte LMs, ViT, transformers ResNet and a VGG-style CNN. Plain Python like
+`eqlab.models.registry`, which merges these into its FAMILIES: options with types and ranges, parameter
+counts, and the symmetries each family is expected to carry (declared in `eqlab.models.symmetry_decls`).
 """
 from __future__ import annotations
 
