@@ -110,3 +110,23 @@ def test_integer_inputs_skip_the_x3_check_and_say_so_by_nan():
     d = discover(ids, loss, (torch.randint(0, 5, (16, 3)), batch[1]))
     assert all(f.residual_x3 != f.residual_x3 for f in d.found)   # NaN: token ids cannot be scaled
     assert all(f.residual_x3 == f.residual_x3 for f in discover(model, loss, batch).found if f.verified)
+
+
+def test_inputs_x3_check_demotes_what_holds_only_on_the_batch():
+    """The safety net under the algebra: a transformation exact on the batch (ReLU6 rescale, pre-activations
+    under 6) handed to the x3 check as if nothing had flagged it is demoted there, with its residual; the
+    ReLU rescale of the same net stays exact (positive)."""
+    from eqlab.analyses.discover import Found, _check_scaled_inputs
+
+    found = []
+    for act in (nn.ReLU6(), nn.ReLU()):
+        model, loss, batch = _mlp(act)
+        (f,) = [f for f in discover(model, loss, batch).found if f.transformation.family.endswith("_rescale")
+                and "softmax" not in f.transformation.family]
+        pretend = Found(f.transformation, True, f.residual, f.residuals, [], "", "exact", f.tolerance)
+        # x3 of x3: pre-activations up to ~13, past the bound 6 where a rescale by e^{0.5·c} moves them
+        _check_scaled_inputs(model, loss, (3 * batch[0], batch[1]), [pretend], 1, 0)
+        found.append(pretend)
+    relu6, relu = found
+    assert relu6.verdict == "broken" and relu6.cause == "inputs_x3" and "not a symmetry" in relu6.reason, relu6.as_row()
+    assert relu.verdict == "exact" and relu.residual_x3 == relu.residual_x3, relu.as_row()

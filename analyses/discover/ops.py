@@ -71,8 +71,15 @@ def affine(graph, op) -> Affine | None:
     if op.name.startswith("conv") and op.name[-2:] in ("1d", "2d", "3d"):
         x, w, b = op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias")
         groups = op.arg(6, "groups", 1)
-        if graph.param(w) is None or groups != 1:
+        if graph.param(w) is None:
             return None
+        if groups != 1:
+            # output channel c still has its own filter w[c] (what a following BN or activation needs); as a
+            # reader, input channel c is read by w[c] only for a depthwise conv (one input channel per group,
+            # one output channel per input): w_in = 0 then, else no per-input-channel slice (None)
+            depthwise = w.shape[1] == 1 and w.shape[0] == groups
+            return Affine(op, x, graph.param(w), graph.param(b), 0, 0 if depthwise else None, 1, 1, "linear",
+                          [f"grouped convolution (groups={groups})"])
         return Affine(op, x, graph.param(w), graph.param(b), 0, 1, 1, 1, "linear")
     if op.name == "batch_norm":
         x, w, b = op.arg(0, "input"), op.arg(3, "weight"), op.arg(4, "bias")

@@ -180,13 +180,13 @@ def _linear_readers(graph: Graph, start, pooling: bool):
                     todo.append((op.outputs[0], chain + [(op, pos, 0)]))
                 else:
                     a = affine(graph, op)
-                    if a is None or a.kind != "linear" or a.data is not end:
+                    if a is None or a.kind != "linear" or a.data is not end or a.w_in is None:
                         return None
                     out.append((a, chain))
             continue
         a = affine(graph, cons[0][0])
-        if a is None or a.kind != "linear" or a.data is not end:
-            return None
+        if a is None or a.kind != "linear" or a.data is not end or a.w_in is None:
+            return None  # (w_in None: a grouped conv whose input channels no single filter slice reads)
         out.append((a, chain))
     return out
 
@@ -393,6 +393,12 @@ def permutations(graph: Graph, pairs=None, shapes=None) -> list[Candidate]:
         feats = sorted(p.groups)
         i, j = feats[0], feats[1]
         if any(len(r.groups[i]) != len(r.groups[j]) for r in p.readers):
+            continue
+        if any(r.consumer.w_in == r.consumer.w_out for r in p.readers) or \
+                (p.upstream is not None and p.upstream.w_in == p.upstream.w_out) or \
+                (p.producer.kind == "linear" and p.producer.w_in == p.producer.w_out):   # depthwise on either side
+            reject(f"{_short(p.producer.weight)} -> {p.act}", "permutation", "a depthwise convolution reads these "
+                   "channels: swapping its input channels also swaps its output channels")
             continue
         terms = []
         for name, dim in _unit_terms(p):

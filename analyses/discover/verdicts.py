@@ -67,3 +67,21 @@ def scaled_inputs(batch, factor: float = INPUT_SCALE):
         return {k: v * factor if torch.is_tensor(v) and v.is_floating_point() and k != "attention_mask" else v
                 for k, v in inputs.items()}, targets
     return None
+
+
+def finite_checks(model, loss, batch, transformations, seed: int = 0):
+    """Order-0 checks only (the loss, or the outputs of an equivariance, at one finite group element per
+    transformation), with the identities stage's own rounding level: what "changes the loss by more than
+    rounding" means, at one forward per transformation (no HVP). Returns {name: IdentityCheck}.
+
+    Uses the identity stage's context and order-0 check (analyses.identities: ``_Context``,
+    ``_finite_residual``, ``_check``) so that the rounding model is the same one, not a copy."""
+    from eqlab.analyses import identities as idt
+    from eqlab.analyses.transforms import Continuous, GroupElement
+
+    ctx = idt._Context(model, loss, batch, seed)
+    out = {}
+    for t in transformations:
+        T = GroupElement(t, t.random_coeffs(ctx.gen, ctx.theta), 0.5) if isinstance(t, Continuous) else t
+        out[t.name] = idt._check(t, 0, [idt._finite_residual(ctx, T)], 0, ctx)
+    return out
