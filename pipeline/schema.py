@@ -147,4 +147,26 @@ TABLES: dict[str, pa.Schema] = {
         ("cause", pa.string()),          # eps | algebra | caveat | inputs_x3 | unidentified | random | ""
         ("site", pa.string()),           # not_proposed rows: the norm / attention block / MLP looked at
     ]),
+    "findings": pa.schema(_KEY + [   # one row per (finding, transformation, control) per checkpoint
+        ("finding", pa.string()),        # e.g. flat_symmetry_direction
+        ("transformation", pa.string()), # the family instance it is about (as in identities)
+        ("symmetry", pa.string()),       # the family: bn_scale, relu_rescale, softmax_translation, ...
+        ("control", pa.bool_()),         # True: a negative control, expected to come out contradicted
+        ("optimizer", pa.string()),      # the condition, copied from the run spec
+        ("lr", pa.float64()),
+        ("momentum", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("dtype", pa.string()),          # the dtype the statistic was computed in
+        ("n_examples", pa.int64()),      # training examples the loss was taken over
+        ("probes", pa.int64()),          # random generators (directions) the statistic is over
+        ("statistic", pa.float64()),     # the measured statistic, mean over probes
+        ("statistic_std", pa.float64()), # its standard deviation over probes (0 for one probe)
+        ("predicted", pa.float64()),     # the theory's value, mean over probes
+        ("residual", pa.float64()),      # |measured - predicted| at the worst probe (relative to its tolerance)
+        ("tolerance", pa.float64()),     # that probe's rounding bound on the residual, same units
+        ("scale", pa.float64()),         # what a generic direction gives (kappa = ||Hu||, unit u): the effect size
+        ("verdict", pa.string()),        # supported | contradicted | not_discriminating
+        ("tolerance_reason", pa.string()),  # the rounding argument with its numbers
+        ("hvps", pa.int64()),
+    ]),
 }
