@@ -29,6 +29,6 @@ def squared_error(outputs, targets) -> torch.Tensor:
 
 def accuracy(outputs, targets) -> float:
     logits = logits_of(outputs)
-    if logits.dim() == 3:
+    if logits.dim() == 3 and targets.dim() == 1:  # a last-token task; (n, seq) targets: per-token accuracy
         logits = logits[:, -1, :]
     return (logits.argmax(-1) == targets).double().mean().item()

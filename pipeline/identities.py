@@ -14,14 +14,15 @@ import torch
 
 from eqlab.analyses.discover import discover, negative_controls
 from eqlab.analyses.identities import check_all
-from eqlab.models import build_task
+from eqlab.models import build_task, missing_symmetries
 from eqlab.pipeline import checkpoint as ckpt
 from eqlab.pipeline.stage import Output, TaskStage
 from eqlab.pipeline.study import IdentitiesSpec, RunSpec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # identities.verdict values (analyses.identities computes them; the summary only counts them)
-VERDICTS = ("holds", "violated", "rejected", "not_discriminating")
+# "missing": a symmetry the family declares (models/symmetry_decls.py) that discovery did not verify
+VERDICTS = ("holds", "violated", "rejected", "not_discriminating", "missing")
 
 
 def _cast(batch, dtype):
@@ -49,7 +50,11 @@ def identity_rows(spec: RunSpec, checkpoint_dir: str, identities: IdentitiesSpec
     # Every transformation found, verified or broken (its violation is the measurement), plus controls.
     found = discover(task.model, task.loss, batch)
     transformations = [f.transformation for f in found.found] + list(negative_controls(task.model, task.loss, batch))
-    rows = []
+    rows = [{"transformation": line.split(":", 1)[0], "symmetry": line.split(":", 1)[0], "kind": "declared",
+             "order": -1, "params": [], "n_generators": 0, "control": False, "dtype": "float64",
+             "residual": float("nan"), "tolerance": float("nan"), "holds": False, "hvps": 0,
+             "verdict": "missing", "tolerance_reason": line}
+            for line in missing_symmetries(spec.family, spec.model, found)]
     for name in identities.dtypes:
         model = task.model.to(DTYPES[name])
         for c in check_all(model, task.loss, _cast(batch, DTYPES[name]), transformations,

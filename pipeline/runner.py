@@ -170,6 +170,8 @@ def _worst(worst: tuple) -> str:
 def _identity_line(counts: dict[str, int], worst: tuple) -> str:
     """One family's stored verdicts, counted: the words follow the table's verdict column exactly."""
     total = sum(counts.values())
+    if "missing" in counts:  # declared by the family, not verified by discovery (reason in tolerance_reason)
+        return f"EXPECTED but MISSING at {counts['missing']} checkpoint(s): see identities.tolerance_reason"
     if set(counts) <= {"rejected", "not_discriminating"}:  # a negative control
         if "not_discriminating" not in counts:
             return f"negative control rejected by all {total} checks, as it must be"

@@ -317,6 +317,8 @@ def parse_study(data: dict, source: str = "") -> Study:
     idf.done()
     runs_data = top._get("runs", [], False)
     grid = top._get("grid", None, False)
+    if "runs" not in data and grid is None:
+        raise StudyError("runs: required field is missing (a study needs [[runs]] tables or a [grid] of runs)")
     if not isinstance(runs_data, list) or (not runs_data and grid is None):
         raise StudyError("runs: expected at least one [[runs]] table (or a [grid] of runs)")
     tables = [(f"runs[{i}]", t) for i, t in enumerate(runs_data)] + (expand_grid(grid) if grid is not None else [])
