@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from eqlab.analyses.discover import discover
+from eqlab.analyses.discover import discover, negative_controls
 from eqlab.models.hf_tiny import _eager, last_token_ce
 from eqlab.pipeline import inspect_cmd
 from tests.test_discover_algebra import loss_change
@@ -266,3 +266,50 @@ def test_gemma2_attention_through_the_logit_softcap_and_offset_gains_explained()
     assert r <= level, (r, level)
     r, level = loss_change(model, loss, batch, edit(False), low)
     assert r > 1e3 * level, (r, level)
+
+
+# ------------------------------------------------------------------- the zoo: every verdict, checked on its own
+@pytest.mark.parametrize("cls", ["GemmaForCausalLM", "PhiForCausalLM", "Olmo2ForCausalLM", "LlamaForCausalLM",
+                                 "Qwen2ForCausalLM", "GPT2LMHeadModel"])
+def test_zoo_exact_findings_leave_the_loss_unchanged_and_broken_ones_do_not(cls):
+    """Each class of `analyses.discover.zoo` (1 layer, hidden 32): a finite element of every exact finding,
+    applied to a copy of the model, leaves the float64 loss within its rounding level; every finding broken
+    by the algebra (a non-homogeneous activation) or by rotary (the full Q/K GL) moves it far above it."""
+    from eqlab.analyses.discover.zoo import HIDDEN, ZOO
+    from eqlab.analyses.transforms import Continuous, GroupElement
+
+    model, loss, batch = ZOO[cls]()
+    d = discover(model, loss, batch)
+    gen = torch.Generator().manual_seed(0)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    # HF runs softmax / RMSNorm in float32 inside a float64 model: their rounding, over ≤ HIDDEN entries
+    low = (torch.float32, HIDDEN)
+
+    def element(t):
+        return GroupElement(t, t.random_coeffs(gen, theta), 0.5) if isinstance(t, Continuous) else t
+
+    def edit_for(T):
+        def e(p):
+            for n, v in T.apply({n: p[n].detach().clone() for n in T.params}).items():
+                p[n].copy_(v)
+        return e
+
+    checked = {"exact": 0, "broken": 0}
+    for f in d.found:
+        T = element(f.transformation)
+        if getattr(T, "output_scale", None) is not None or getattr(T, "loss_scale", 1.0) != 1.0:
+            continue   # homogeneity: an equivariance, the loss is not invariant
+        if f.verdict == "exact":
+            r, level = loss_change(model, loss, batch, edit_for(T), low)
+            assert r <= level, (f.transformation.name, r, level)
+            checked["exact"] += 1
+        elif f.verdict == "broken" and f.cause in ("algebra", "caveat"):
+            r, level = loss_change(model, loss, batch, edit_for(T), low)
+            # negative: broken really moves it — 100x over a level that already grants float32 rounding
+            assert r > 100 * level, (f.transformation.name, r, level)
+            checked["broken"] += 1
+    for t in negative_controls(model, loss, batch):   # declared non-symmetries (a one-class logit shift, ...)
+        r, level = loss_change(model, loss, batch, edit_for(element(t)), low)
+        assert r > 100 * level, (t.name, r, level)
+        checked["broken"] += 1
+    assert checked["exact"] >= 5 and checked["broken"] >= 1, checked
