@@ -159,6 +159,9 @@ TABLES: dict[str, pa.Schema] = {
         ("dtype", pa.string()),          # the dtype the statistic was computed in
         ("n_examples", pa.int64()),      # training examples the loss was taken over
         ("probes", pa.int64()),          # random generators (directions) the statistic is over
+        ("rank", pa.int32()),            # alignment: which top eigenpair (0 = largest); NULL otherwise
+        ("eigenvalue", pa.float64()),    # alignment: that pair's Ritz value
+        ("eigen_residual", pa.float64()),  # alignment: its true residual ||Hy - lambda y||, ||y|| = 1
         ("statistic", pa.float64()),     # the measured statistic, mean over probes
         ("statistic_std", pa.float64()), # its standard deviation over probes (0 for one probe)
         ("predicted", pa.float64()),     # the theory's value, mean over probes

@@ -2,4 +2,4 @@
 from eqlab.pipeline import block_spectra, conservation_stage, identities, spectra_stage
 
 STAGES = (spectra_stage.STAGE, block_spectra.STAGE, identities.STAGE, conservation_stage.STAGE)
-from eqlab.pipeline.findings_flat import STAGE as FLAT_DIRECTIONS; STAGES += (FLAT_DIRECTIONS,)  # noqa: E402,E702
+from eqlab.pipeline.findings_stage import STAGE as FINDINGS; STAGES += (FINDINGS,)  # noqa: E402,E702

@@ -13,7 +13,9 @@ from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.curvature.params import ParamSpace
 from eqlab.analyses.discover import discover
 from eqlab.analyses.predictions.flat_directions import flat_direction_findings
+from eqlab.analyses.predictions.gradient_alignment import alignment_findings
 from eqlab.models import build_task, hf_tiny
+from eqlab.pipeline.findings_align import top_eigenpairs
 
 F64 = torch.float64
 torch.set_num_threads(1)  # small problems: extra threads only contend on the shared machine
@@ -139,6 +141,46 @@ def test_bn_epsilon_breaks_scale_flatness_by_the_orbit_curvature():
             assert f.verdict == "supported"
 
 
+@pytest.fixture(scope="module", params=["digits_cnn", "gpt2"])
+def dense_case(request):
+    model, loss, batch = _cnn(1e-20) if request.param == "digits_cnn" else _gpt2()
+    H, space = _dense(model, loss, batch)
+    evals, evecs = torch.linalg.eigh(H)
+    return request.param, model, loss, batch, _verified(model, loss, batch), H, space, evals, evecs
+
+
+def test_alignment_holds_on_dense_eigenpairs_and_controls_are_told_apart(dense_case):
+    name, model, loss, batch, ts, H, space, evals, evecs = dense_case
+    top = torch.argsort(evals, descending=True)[:3]
+    lams = [float(evals[i]) for i in top]
+    vecs = [space.unflatten(evecs[:, i]) for i in top]
+    residuals = [float(torch.linalg.vector_norm(H @ evecs[:, i] - evals[i] * evecs[:, i])) for i in top]
+    found = alignment_findings(model, loss, batch, ts, lams, vecs, residuals, probes=2, seed=5)
+    gens = [f for f in found if not f.control]
+    assert gens and {f.verdict for f in gens} == {"supported"}, [(f.transformation, f.rank, f.verdict) for f in gens]
+    # not trivially 0 = 0: the gradient's component along what the generator does to u_1 is resolved
+    assert any(abs(f.prediction) > 1e3 * f.worst.tolerance for f in gens), name
+    ctrls = [f for f in found if f.control]
+    assert sum(f.verdict == "contradicted" for f in ctrls) >= 2, name
+    for f in ctrls:
+        w = f.worst
+        assert f.verdict == "contradicted" or abs(w.measured) <= w.tolerance, (f.transformation, f.rank)
+    # the wrong eigenvalue (the pair's own vector, the next pair's value) breaks the identity
+    wrong = alignment_findings(model, loss, batch, ts, [lams[1], lams[0]], vecs[:2], residuals[:2], probes=2, seed=5)
+    assert any(f.verdict == "contradicted" for f in wrong if not f.control), name
+
+
+def test_lanczos_eigenpairs_agree_with_the_dense_oracle(dense_case):
+    name, model, loss, batch, ts, H, space, evals, evecs = dense_case
+    lams, vecs, residuals, hvps = top_eigenpairs(model, loss, batch, k=3, max_iter=60, seed=0)
+    top = torch.sort(evals, descending=True).values[:3]
+    for lam, r, exact in zip(lams, residuals, top):
+        # a unit vector with residual r has an eigenvalue within r of its Ritz value (Weyl); 2 u |λ| covers the
+        # rounding of the dense eigh itself
+        assert abs(lam - float(exact)) <= r + 8 * torch.finfo(F64).eps * float(evals.abs().max()), (name, lam, exact, r)
+    assert 0 < hvps <= 60
+
+
 def test_stage_writes_findings_rows_in_a_real_study(ray_cluster, tmp_path):
     import tomllib
 
@@ -151,7 +193,8 @@ def test_stage_writes_findings_rows_in_a_real_study(ray_cluster, tmp_path):
     run_study(study, tmp_path, log=lambda *_: None)
     _, rows = run_query(tmp_path, """
         select step, symmetry, control, verdict, optimizer, lr, weight_decay, dtype, statistic, predicted,
-               residual, tolerance, tolerance_reason from findings order by step, transformation, control""")
+               residual, tolerance, tolerance_reason from findings where finding = 'flat_symmetry_direction'
+        order by step, transformation, control""")
     steps = sorted({r[0] for r in rows})
     assert steps == list(study.runs[0].checkpoint_steps), steps
     spec = study.runs[0]
@@ -163,3 +206,9 @@ def test_stage_writes_findings_rows_in_a_real_study(ray_cluster, tmp_path):
         elif sym in ("bn_scale", "relu_rescale", "softmax_translation"):
             assert verdict == "contradicted" and res > tol, (step, sym)
     assert {"bn_scale", "relu_rescale", "softmax_translation"} <= {r[1] for r in rows}
+    _, rows = run_query(tmp_path, """
+        select finding, control, verdict, count(*) from findings group by all order by all""")
+    got = {(f, c, v): n for f, c, v, n in rows}
+    assert got.get(("gradient_hessian_alignment", False, "supported"), 0) > 0, got
+    assert ("gradient_hessian_alignment", False, "contradicted") not in got, got
+    assert got.get(("gradient_hessian_alignment", True, "contradicted"), 0) > 0, got
