@@ -43,6 +43,21 @@ def linear_origin(graph, t):
     return next(iter(origins.values())), sorted(ops.values(), key=lambda o: o.index)
 
 
+_REPLAY_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
+
+
+def one_hot_responses(end, o):
+    """torch.stack([end(e_i) for i]) with e_i = o's shape, 1 at feature i of every row: one vmapped replay
+    of the region (its cost independent of the width), or — when an op in it cannot be vmapped — one
+    replay per feature."""
+    n = o.shape[-1]
+    eye = torch.eye(n, dtype=o.dtype).reshape(n, *([1] * (o.dim() - 1)), n).expand(n, *o.shape).contiguous()
+    try:
+        return torch.func.vmap(end)(eye)
+    except _REPLAY_ERRORS:
+        return torch.stack([end(eye[i]) for i in range(n)])
+
+
 def feature_maps(a, ops, t, transpose=False):
     """J[i, b, h, t, :] = what origin feature i (set to 1 at every token) becomes at the region's end,
     as float64; None unless the region is linear and token-local (checked on a random origin)."""
@@ -51,18 +66,13 @@ def feature_maps(a, ops, t, transpose=False):
         return None
     end = lambda v: (lambda y: y.transpose(-1, -2) if transpose else y)(_replay(ops, o, v)[id(t)])  # noqa: E731
     try:
-        cols = []
-        for i in range(o.shape[-1]):
-            e = torch.zeros_like(o)
-            e[..., i] = 1
-            cols.append(end(e).double())
-        J = torch.stack(cols)                                        # (n, B, H, T, d)
+        J = one_hot_responses(end, o).double()                       # (n, B, H, T, d)
         if J.dim() != 5:
             return None
         x = torch.randn_like(o)
         pred = torch.einsum("bti,ibhtd->bhtd", x.double(), J)
         got = end(x).double()
-    except Exception:  # noqa: BLE001 - a region we cannot replay is not vouched for
+    except _REPLAY_ERRORS:  # a region we cannot replay is not vouched for
         return None
     tol = 1e-5 if o.dtype == torch.float32 else 1e-10
     if float((pred - got).abs().max()) > tol * max(float(got.abs().max()), 1e-30):

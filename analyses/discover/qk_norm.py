@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from eqlab.analyses.discover.commutant import one_hot_responses
 from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.norms import _aliases, _param_dependent, _replay
 from eqlab.analyses.discover.patterns import Candidate, _producer_affine, _short
@@ -73,16 +74,11 @@ def _maps(norm, ops, t, transpose):
     o = norm.outputs[0]
     end = lambda v: (lambda y: y.transpose(-1, -2) if transpose else y)(_replay(ops, o, v)[id(t)])  # noqa: E731
     try:
-        cols = []
-        for i in range(o.shape[-1]):
-            e = torch.zeros_like(o)
-            e[..., i] = 1
-            cols.append(end(e).double())
+        J = one_hot_responses(end, o).double()
         x = torch.randn_like(o)
         got = end(x).double()
-    except (RuntimeError, ValueError, IndexError, TypeError):
+    except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
         return None
-    J = torch.stack(cols)
     if J.dim() != 5:
         return None
     # linear and local in the normalised entry: the sum of one-hot responses weighted by x reproduces end(x)
