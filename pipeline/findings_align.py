@@ -11,6 +11,7 @@ import torch
 from eqlab.analyses.curvature.lanczos import lanczos
 from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.predictions.gradient_alignment import alignment_findings
+from eqlab.analyses.transforms import Continuous
 from eqlab.pipeline.study import RunSpec
 
 FINDING = "gradient_hessian_alignment"
@@ -26,6 +27,8 @@ def top_eigenpairs(model, loss, batch, k: int, max_iter: int, seed: int):
 
 
 def alignment_rows(spec: RunSpec, model, loss, batch, verified, settings: dict) -> list[dict]:
+    if not any(isinstance(t, Continuous) for t in verified):
+        return []  # nothing to align: spend no Lanczos products
     lams, vecs, residuals, hvps = top_eigenpairs(model, loss, batch, settings["top_k"], settings["max_iter"],
                                                  spec.seed)
     rows = []
