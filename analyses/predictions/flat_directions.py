@@ -29,7 +29,8 @@ import torch
 
 from eqlab.analyses.curvature.functional import (dot, forward, loss_function, named_params, norm,
                                                  value_and_grad, value_grad_hvp)
-from eqlab.analyses.identities import chain_length, output_tensor, tolerance_for, unit_roundoff
+from eqlab.analyses.identities import PASSES, output_tensor, unit_roundoff
+from eqlab.analyses.identities import _Context as _IdentityContext  # its rounding probe (n, coarser-dtype ops)
 from eqlab.analyses.transforms import Continuous
 
 VERDICTS = ("supported", "contradicted", "not_discriminating")
@@ -119,7 +120,11 @@ class _Point:
         _, self.grad = value_and_grad(self.L, self.theta)
         self.gen = torch.Generator().manual_seed(seed)
         self.dtype = next(iter(self.theta.values())).dtype
-        self.n = chain_length(model, batch)
+        # the identity checks' rounding model at this θ: γ_n(u), plus γ_{m+1}(u_low) per op the forward
+        # computes in a coarser dtype inside the model (HF softmax / RMSNorm in float32)
+        rd = _IdentityContext(model, loss, batch, seed).rounding()
+        self.n, self.gamma = rd.n, rd.gamma()
+        self.low = f" + {rd.n_low_ops} ops in {rd.low}" if rd.n_low_ops else ""
         u = self.randn(list(self.theta))
         un = _f(norm(u))
         _, _, hu = value_grad_hvp(self.L, self.theta, {n: x / un for n, x in u.items()})
@@ -147,7 +152,7 @@ class _Point:
 
     def tolerance(self, *norms_over_v: float) -> float:
         """4·γ_n(u)·Σ(terms' norms)/‖v‖: the I2 bound contracted with v (see the module doc)."""
-        return tolerance_for(self.dtype, order=2, n=self.n, ratio=sum(norms_over_v))
+        return PASSES[2] * self.gamma * sum(norms_over_v)
 
 
 def _generator_probe(pt: _Point, t: Continuous, c, keep: bool) -> tuple[DirectionProbe, float]:
@@ -193,7 +198,7 @@ def flat_direction_findings(model, loss, batch, transformations, probes: int = 2
     dtype = str(pt.dtype).replace("torch.", "")
     reason = (f"4 x gamma_n(u) x (||Hv|| + ||J^T g|| + ||grad Psi|| + kappa ||v||)/||v||: worst-case rounding of "
               f"forward + backward + double backward (n = {pt.n} = 2d + inputs + outputs, u = "
-              f"{unit_roundoff(pt.dtype):.1e} ({dtype})), Cauchy-Schwarz on the contraction with v")
+              f"{unit_roundoff(pt.dtype):.1e} ({dtype}){pt.low}), Cauchy-Schwarz on the contraction with v")
     out = []
     for t in transformations:
         if not isinstance(t, Continuous):

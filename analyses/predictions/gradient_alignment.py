@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from eqlab.analyses.curvature.functional import dot, norm
-from eqlab.analyses.identities import tolerance_for, unit_roundoff
+from eqlab.analyses.identities import unit_roundoff
 from eqlab.analyses.predictions.flat_directions import _f, _leaves, _mean, _Point, _std
 from eqlab.analyses.transforms import Continuous
 
@@ -82,7 +82,7 @@ def _sides(pt: _Point, y: dict, theta_i: float, r_i: float, xi: dict, jtg: dict,
     rhs = -theta_i * _f(dot({n: y[n] for n in P}, xi))
     # ‖y‖ = 1: each inner product is bounded by its other factor's norm (Cauchy-Schwarz)
     terms = _f(norm(jtg)) + (_f(norm(gpsi)) if gpsi is not None else 0.0) + abs(theta_i) * xn
-    tol = r_i * xn + tolerance_for(pt.dtype, order=2, n=pt.n, ratio=terms)
+    tol = r_i * xn + pt.tolerance(terms)
     return AlignmentProbe(lhs / xn, rhs / xn, tol / xn)
 
 
@@ -107,7 +107,7 @@ def alignment_findings(model, loss, batch, transformations, eigenvalues, eigenve
     pt = _Point(model, loss, batch, seed)
     dtype = str(pt.dtype).replace("torch.", "")
     reason = (f"r_i ||xi|| (the eigenpair's true residual) + 4 x gamma_n(u) x (||J^T g|| + ||grad Psi|| + "
-              f"|lambda_i| ||xi||), n = {pt.n}, u = {unit_roundoff(pt.dtype):.1e} ({dtype}); all over ||xi||")
+              f"|lambda_i| ||xi||), n = {pt.n}, u = {unit_roundoff(pt.dtype):.1e} ({dtype}){pt.low}; all over ||xi||")
     out = []
     for t in transformations:
         if not isinstance(t, Continuous):
