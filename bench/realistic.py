@@ -44,10 +44,10 @@ ROWS: list[dict] = []
 NOTES: list[str] = []
 # One setting per library (no sweep at this size), each the residual rule at the target accuracy or the
 # cheapest setting that met top-5 within 1e-3 on the small models (bench/results M3). eqlab is NOT at
-# its default tol (√eps = 3.5e-4 in float32): on MiniLM the float32 products' own rounding leaves
-# residuals of 1.5–3.8e-4·λ1 after 80 steps (R_matvec_f32_vs_f64), so the default spends max_iter and
-# reports nothing converged; max_iter 40 caps the basis at 2·40·n·4 B ≈ 7 GB (and the time: each step that
-# fails the true-residual check re-reads the whole basis, O(k·m·n), see COST.md).
+# its default tol (√eps = 3.5e-4 in float32): on MiniLM its top-5 residuals were still 1.5–3.8e-4·λ1
+# after 80 steps (slow convergence, not rounding: R_matvec_f32_vs_f64 is ~1e-6), so the default would
+# spend far more products; max_iter 40 caps the basis at 2·40·n·4 B ≈ 7 GB (and the time: a step whose
+# true-residual check fails re-reads the whole basis, O(k·m·n), COST.md).
 TOP5 = {"eqlab": {"tol": 1e-3, "max_iter": 40}, "curvlinops": {"tol": 1e-3},
         "eigenthings": {"max_iter": 25}, "pyhessian": {"tol": 1e-3, "maxIter": 20}}
 TRACE = {"eqlab": "hutch++", "curvlinops": "hutch++", "pyhessian": "hutchinson", "eigenthings": "hutch++"}
@@ -277,6 +277,8 @@ def main(argv=None):
     top5(p32, ref, 1 if a.quick else 2, libs)
     if not a.quick:
         trace_and_density(p32, ref, libs)
+    else:
+        NOTES.append(f"realistic {problem.name}: quick mode: one top-5 round, trace and density not run")
     row("R_wall", problem.name, "-", "whole part", time.perf_counter() - t0, "s")
     print(json.dumps({"rows": ROWS, "notes": NOTES}))
 
