@@ -118,6 +118,19 @@ def test_qwen3_projection_scale_through_the_qk_norm_is_approximate_by_its_eps():
     # (within the rounding level of the float32 ops HF's RMSNorm runs inside the float64 model)
     d0 = discover(*qwen3(eps=0.0))
     assert all(f.verdict == "exact" for f in d0.found if f.transformation.family == "rms_scale")
+    # per head too: the norm divides each head's row by its own rms (H query heads, KV key heads)
+    heads = {f.transformation.name.split("[")[1].split(".")[-1][:-1]: f for f in d.found
+             if f.transformation.family == "qk_norm_head_scale"}
+    assert heads["q_proj"].transformation.n_generators == H and heads["k_proj"].transformation.n_generators == KV
+    assert all(f.verdict == "approximate" and f.cause == "eps" for f in heads.values())
+    assert all(f.verdict == "exact" for f in d0.found if f.transformation.family == "qk_norm_head_scale")
+    m0 = qwen3(eps=0.0)[0]
+    low = (torch.float32, DH)    # HF's RMSNorm runs in float32 inside the float64 model, over d_head entries
+    q = "model.layers.0.self_attn.q_proj.weight"
+    r, level = loss_change(m0, loss, batch, lambda p: p[q][DH:2 * DH].mul_(2.0), low)      # head 1 alone x 2
+    assert r <= level, (r, level)
+    r, level = loss_change(m0, loss, batch, lambda p: p[q][DH:2 * DH].mul_(-1.0), low)     # negative: x (−1)
+    assert r > 1e3 * level, (r, level)
     # independent check of the size: scaling q_proj by 2 moves the loss by ~eps/mean(q²), not 0
     moved = lambda p: p["model.layers.0.self_attn.q_proj.weight"].mul_(2.0)  # noqa: E731
     # (the eps-free model's change is float32 rounding inside its RMSNorm: the eps effect is 10x above it)

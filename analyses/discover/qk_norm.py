@@ -118,6 +118,7 @@ def qk_norm_candidates(graph, q, kt, sm) -> list:
     nk, rk = norm_origin(graph, kt)
     if nq is None or nk is None:
         return reject(site, "qk_norm_gain_rescale", f"Q/K: {rq if nq is None else rk}") or []
+    out = _head_scales(graph, nq) + _head_scales(graph, nk)
     wq, wk = graph.param(nq.arg(2, "weight")), graph.param(nk.arg(2, "weight"))
     if wq is None or wk is None or nq is nk:
         return reject(site, "qk_norm_gain_rescale", "Q/K: the query and key norms do not both have their own gain") or []
@@ -131,6 +132,25 @@ def qk_norm_candidates(graph, q, kt, sm) -> list:
     comps = _components(C)
     gens = [[[wq, 0, qs, 1.0], [wk, 0, ks, -1.0]] for qs, ks in comps]
     if not gens:
-        return reject(site, "qk_norm_gain_rescale", "Q/K: no q dim meets a k dim") or []
-    return [Candidate(ScaleFamily(f"qk_norm_gain_rescale[{_short(wq)}/{_short(wk)}]", "qk_norm_gain_rescale", gens),
-                      [])]
+        return reject(site, "qk_norm_gain_rescale", "Q/K: no q dim meets a k dim") or out
+    return out + [Candidate(ScaleFamily(f"qk_norm_gain_rescale[{_short(wq)}/{_short(wk)}]", "qk_norm_gain_rescale",
+                                        gens), [])]
+
+
+def _head_scales(graph, norm) -> list:
+    """The norm divides each head's row by its own rms: each head's projection rows (and bias) scale on their
+    own — exact for eps = 0, approximate by eps/mean(x²) otherwise (the cause carries the predicted size)."""
+    from eqlab.analyses.discover.algebra import eps_cause
+    from eqlab.analyses.discover.ops import shared_caveats
+
+    a, heads = projection_heads(graph, norm)
+    if a is None or len(heads) < 2:
+        return []
+    gens = [[[a.weight, a.w_out, rows, 1.0]] + ([[a.bias, 0, rows, 1.0]] if a.bias else []) for rows in heads]
+    eps = norm.arg(4, "eps", 1e-5) if norm.name == "layer_norm" else norm.arg(3, "eps", None)
+    cav = shared_caveats(graph, a)
+    if eps:
+        cav.append(eps_cause(norm, f"{norm.name} eps={float(eps):g}: each head's scale invariance is broken by "
+                                   "~eps/mean(head²)"))
+    cav += getattr(norm, "precision", [])
+    return [Candidate(ScaleFamily(f"qk_norm_head_scale[{_short(a.weight)}]", "qk_norm_head_scale", gens), cav)]
