@@ -203,6 +203,11 @@ class _Context:
         return (gf * f).sum(), value, _f((gf * f).abs().sum())
 
 
+def rounding_model(model, loss, batch, seed: int = 0) -> "_Rounding":
+    """The rounding model's inputs at (θ, batch): n, u, coarser-dtype ops (one forward and backward)."""
+    return _Context(model, loss, batch, seed).rounding()
+
+
 @dataclass
 class _Rounding:
     u: float                # unit roundoff of the parameters' dtype

@@ -108,7 +108,8 @@ def has_rows(results: Path, table: str, run_id: str, step: int, config_hash: str
 
 
 # per-checkpoint tables a run's rerun may have to prune (runs and inspections are run-level)
-TABLES_BY_RUN = ("checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation")
+TABLES_BY_RUN = ("checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation",
+                 "findings")
 
 
 def prune(results: Path, table: str, run_id: str, keep: set[int]) -> list[Path]:

@@ -23,7 +23,8 @@ STUDY = {
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
     ],
 }
-TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation"]
+TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation",
+          "findings"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ TINY = {
     "runs": [{"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 2], "hidden": 4, "bn_eps": 1e-20},
               "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "steps": 6, "checkpoint_steps": [0, 3, 6]}],
 }
-TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "identities", "conservation"]
+TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "identities", "conservation", "findings"]
 
 
 def study_with(**run):

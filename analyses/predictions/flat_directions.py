@@ -30,7 +30,7 @@ import torch
 from eqlab.analyses.curvature.functional import (dot, forward, loss_function, named_params, norm,
                                                  value_and_grad, value_grad_hvp)
 from eqlab.analyses.identities import PASSES, output_tensor, unit_roundoff
-from eqlab.analyses.identities import _Context as _IdentityContext  # its rounding probe (n, coarser-dtype ops)
+from eqlab.analyses.identities import rounding_model  # n, u and coarser-dtype ops of the rounding model
 from eqlab.analyses.transforms import Continuous
 
 VERDICTS = ("supported", "contradicted", "not_discriminating")
@@ -122,7 +122,7 @@ class _Point:
         self.dtype = next(iter(self.theta.values())).dtype
         # the identity checks' rounding model at this θ: γ_n(u), plus γ_{m+1}(u_low) per op the forward
         # computes in a coarser dtype inside the model (HF softmax / RMSNorm in float32)
-        rd = _IdentityContext(model, loss, batch, seed).rounding()
+        rd = rounding_model(model, loss, batch, seed)
         self.n, self.gamma = rd.n, rd.gamma()
         self.low = f" + {rd.n_low_ops} ops in {rd.low}" if rd.n_low_ops else ""
         u = self.randn(list(self.theta))
