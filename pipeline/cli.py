@@ -168,9 +168,9 @@ def _inspect(args) -> int:
     rows = ic.inspect_model(args.model, examples=args.examples, overrides=overrides)
     path = ic.write_inspection(rows, results, args.model)
     if args.json:
-        print(ic.to_json(rows))
+        print(ic.to_json(rows, args.explain))
     else:
-        print(ic.format_inspection(args.model, rows))
+        print(ic.format_inspection(args.model, rows, args.explain))
         print(f"table: {path}")
     return 0
 
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="discover and verify the transformations a model carries")
     i.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
     i.add_argument("--json", action="store_true", help="print a JSON list, one object per transformation")
+    i.add_argument("--explain", action="store_true",
+                   help="also list the candidates considered and rejected, each with its reason (stored either way)")
     i.add_argument("--results", default="results/inspect", help="where the inspections table goes")
     i.add_argument("--examples", type=_int_at_least(1), default=32, help="examples of the batch used for verification")
     i.add_argument("--config", action="append", metavar="KEY=VALUE",
