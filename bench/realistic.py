@@ -43,11 +43,10 @@ HERE = Path(__file__).resolve().parent
 ROWS: list[dict] = []
 NOTES: list[str] = []
 # One setting per library (no sweep at this size), each the residual rule at the target accuracy or the
-# cheapest setting that met top-5 within 1e-3 on the small models (bench/results M3). eqlab is NOT at
-# its default tol (√eps = 3.5e-4 in float32): on MiniLM its top-5 residuals were still 1.5–3.8e-4·λ1
-# after 80 steps (slow convergence, not rounding: R_matvec_f32_vs_f64 is ~1e-6), so the default would
-# spend far more products; max_iter 40 caps the basis at 2·40·n·4 B ≈ 7 GB (and the time: a step whose
-# true-residual check fails re-reads the whole basis, O(k·m·n), COST.md).
+# cheapest setting that met top-5 within 1e-3 on the small models (bench/results M3). eqlab runs with a
+# float32 basis (a float64 one is 2·m·n·8 B ≈ 14 GB at 40 steps, too much beside the others' jobs) and
+# tol 1e-3, max_iter 40: with a float32 basis at n ≈ 2·10⁷ the tridiagonal's Ritz values are ≈ 2e-3·λ1
+# high while the Ritz vectors are right (COST.md), so residuals stall and the default tol cannot pass.
 TOP5 = {"eqlab": {"tol": 1e-3, "max_iter": 40}, "curvlinops": {"tol": 1e-3},
         "eigenthings": {"max_iter": 25}, "pyhessian": {"tol": 1e-3, "maxIter": 20}}
 TRACE = {"eqlab": "hutch++", "curvlinops": "hutch++", "pyhessian": "hutchinson", "eigenthings": "hutch++"}
