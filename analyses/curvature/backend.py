@@ -138,7 +138,11 @@ class LocalBackend(KrylovBackend):
         return out.to(device=self.device, dtype=self.dtype)
 
     def gram(self, X: Tensor, Y: Tensor) -> np.ndarray:
-        return (X.T @ Y).double().cpu().numpy()
+        # accumulated in float64 whatever the basis dtype: α = qᵀHq summed in float32 over 10⁷ entries
+        # drifts by ~√n·u relative, which biased a float32 basis's Ritz values at 22M parameters (bench/)
+        if X.dtype != torch.float64:
+            X, Y = X.double(), Y.double()
+        return (X.T @ Y).cpu().numpy()
 
     def lincomb(self, terms) -> Tensor:
         out = None

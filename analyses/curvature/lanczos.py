@@ -250,7 +250,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
     break_tol = min(tol, 1e-6) * 1e-2  # β below this (relative) is an invariant subspace
     gen = torch.Generator().manual_seed(seed)
     be = backend if backend is not None else LocalBackend(dim, matvec, dtype=dtype, device=device,
-                                                          capacity=max_iter)
+                                                          capacity=min(max_iter, 64))
     if be.m:
         raise ValueError("the backend already holds a basis; give lanczos a fresh one")
 
