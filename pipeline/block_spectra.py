@@ -137,9 +137,9 @@ from eqlab.pipeline.stage import Output, PoolStage  # noqa: E402  (the pool abov
 
 
 def block_settings(study) -> dict:
+    from eqlab.pipeline.spectra_stage import pool_settings
     sp = study.spectra
-    return {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
-            "dtype": sp.dtype, "k": sp.block_top_k, "tol": sp.tol, "max_iter": sp.max_iter}
+    return {**pool_settings(study), "k": sp.block_top_k, "tol": sp.tol, "max_iter": sp.max_iter}
 
 
 class BlockSpectraStage(PoolStage):

@@ -9,7 +9,8 @@ from eqlab.pipeline.stage import Output, PoolStage, task_sizes
 from eqlab.pipeline.study import Study
 
 
-def _shared(study: Study) -> dict:
+def pool_settings(study: Study) -> dict:
+    """What every Hessian pool's rows depend on (data, shards, dtype, seed)."""
     sp = study.spectra
     return {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
             "dtype": sp.dtype}
@@ -17,12 +18,12 @@ def _shared(study: Study) -> dict:
 
 def top_settings(study: Study) -> dict:
     sp = study.spectra
-    return {**_shared(study), "top_k": sp.top_k, "tol": sp.tol, "max_iter": sp.max_iter}
+    return {**pool_settings(study), "top_k": sp.top_k, "tol": sp.tol, "max_iter": sp.max_iter}
 
 
 def density_settings(study: Study) -> dict:
     sp = study.spectra
-    return {**_shared(study), "probes": sp.density_probes, "steps": sp.density_steps}
+    return {**pool_settings(study), "probes": sp.density_probes, "steps": sp.density_steps}
 
 
 TOP = Output("spectra", ("spectra", "lanczos"), top_settings)
