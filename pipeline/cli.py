@@ -157,6 +157,19 @@ def _query(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from eqlab.pipeline import report as rp  # duckdb, matplotlib (Agg); torch only for the densities figure
+
+    results = Path(args.results) if args.results else Path("results") / "default"
+    rp.check_results(results)  # one line, nothing written, if there are no tables to report on
+    out = Path(args.out) if args.out else results / "report"
+    _check_writable(out, "--out")
+    rep = rp.build_report(results, out)
+    print(f"report: {rep.index}   ({len(rep.figures)} figures"
+          + (f"; {len(rep.notes)} notes, e.g. {rep.notes[0]}" if rep.notes else "") + ")")
+    return 0
+
+
 def _inspect(args) -> int:
     from eqlab.pipeline.userfunc import parse_overrides
 
@@ -280,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--results", help="a study's results folder (default: results/default)")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table")
     q.set_defaults(func=_query)
+
+    rp = sub.add_parser("report", help="write an HTML report of a study's tables (figures and the findings table)")
+    rp.add_argument("--results", help="a study's results folder (default: results/default)")
+    rp.add_argument("--out", help="where index.html and its PNG figures go (default: <results>/report)")
+    rp.set_defaults(func=_report)
 
     i = sub.add_parser("inspect", help="discover and verify the transformations a model carries")
     i.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
