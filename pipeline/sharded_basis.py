@@ -39,7 +39,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from eqlab.analyses.curvature.backend import KrylovBackend
+from eqlab.analyses.curvature.backend import KrylovBackend, dot64
 from eqlab.pipeline.spectra import DTYPES, HessianShardCore
 
 
@@ -98,7 +98,8 @@ class SliceWorker(HessianShardCore):
         return self._keep(bid, (total / n_total).to(self.bdtype), export)
 
     def gram(self, x, y):
-        return (self.blocks[x].T @ self.blocks[y]).double().numpy()
+        # accumulated in float64 like LocalBackend's (backend.dot64: float32 sums over 10⁶⁺ entries are biased)
+        return dot64(self.blocks[x].T, self.blocks[y]).numpy()
 
     def lincomb(self, bid, terms, export):
         return self._keep(bid, sum(self.blocks[x] @ self._c(C) for x, C in terms), export)
@@ -118,7 +119,7 @@ class SliceWorker(HessianShardCore):
         return 0
 
     def project(self, x):
-        return (self.Q[: self.m] @ self.blocks[x]).double().numpy()
+        return dot64(self.Q[: self.m], self.blocks[x]).numpy()
 
     def subtract_basis(self, bid, x, C, export):
         return self._keep(bid, self.blocks[x] - self.Q[: self.m].T @ self._c(C), export)

@@ -21,6 +21,57 @@ import torch
 from torch import Tensor
 
 
+# Inner products over dim entries are accumulated in float64, whatever the basis dtype. Why: float32
+# BLAS (MKL sdot/sgemv/sgemm) and torch.linalg.norm keep a few running float32 sums over all 10⁷ entries.
+# For same-sign terms (qᵀq, qᵀHq near an eigenvector, ‖r‖², residual norms) the error is systematic:
+# measured −6e-4..−1.7e-3 relative at dim = 2·10⁷ (torch.linalg.norm −8e-4), so a vector normalised by
+# such a norm has ‖q‖ = 1 + 1e-3 and α = qᵀHq of it puts every Ritz value of T ≈ 2e-3·λ high while the
+# Ritz vectors stay right (bench/ gpt2s_3l, COST.md). For mixed-sign terms with a few large ones (a
+# localised eigenvector: Gram–Schmidt coefficients qᵀr ≈ 0 from terms ±‖q‖∞‖r‖∞) the running sum loses
+# the small terms: 1.4e-3 for a true 1e-7 on a 10⁶-entry diagonal operator, orthogonality lost at 5e-5
+# per step even with two Gram–Schmidt passes.
+# Bound here: a product of two float32 (or lower) values is exact in float64 (2·24 ≤ 53 significand
+# bits), and the float64 sum of dim of them is within γ_dim(2^-53)·Σ|x_i y_i| ≤ dim·1.2e-16·‖x‖‖y‖, below
+# float32's unit roundoff 2^-24·‖x‖‖y‖ for dim ≤ 1.4·10⁸. Done in slabs of columns copied into a float64
+# buffer that stays in cache: at dim = 2·10⁷ a dot costs ≈ 15 ms and Qᵀx over 40 basis rows ≈ 1.2–2× the
+# float32 gemv.
+SLAB_BYTES = 1 << 22  # float64 buffer per operand slab (4 MiB: cache-resident on the machines used here)
+
+
+def dot64(A: Tensor, B: Tensor) -> Tensor:
+    """A @ B as a float64 tensor for A (a × dim) and B (dim × b), accumulated in float64 (comment above):
+    float64 inputs are multiplied directly, others slab by slab through float64 copies."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B
+    a, n = A.shape
+    b = B.shape[1]
+    out = torch.zeros(a, b, dtype=torch.float64, device=A.device)
+    S = max(1024, SLAB_BYTES // (8 * max(a, b)))
+    bufA = torch.empty(a, min(S, n), dtype=torch.float64, device=A.device)
+    bufB = torch.empty(min(S, n), b, dtype=torch.float64, device=A.device)
+    for s in range(0, n, S):
+        e = min(s + S, n)
+        L = e - s
+        bufA[:, :L].copy_(A[:, s:e])
+        bufB[:L].copy_(B[s:e])
+        out.addmm_(bufA[:, :L], bufB[:L])
+    return out
+
+
+def inner(X: Tensor, Y: Tensor) -> np.ndarray:
+    """Xᵀ Y (bx × by, float64 numpy) for dim×bx and dim×by (or 1-D) tensors, accumulated in float64."""
+    X = X[:, None] if X.dim() == 1 else X
+    Y = Y[:, None] if Y.dim() == 1 else Y
+    return dot64(X.T, Y).cpu().numpy()
+
+
+def column_norms(X: Tensor) -> np.ndarray:
+    """‖X[:, j]‖ for each column of a dim×b (or 1-D) tensor, float64 numpy, squares summed in float64."""
+    X = X[:, None] if X.dim() == 1 else X
+    sq = [float(inner(X[:, j], X[:, j])[0, 0]) for j in range(X.shape[1])]
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
 class KrylovBackend(ABC):
     """Blocks are opaque handles. Coefficient arrays are float64 numpy on the driver."""
 
@@ -138,11 +189,7 @@ class LocalBackend(KrylovBackend):
         return out.to(device=self.device, dtype=self.dtype)
 
     def gram(self, X: Tensor, Y: Tensor) -> np.ndarray:
-        # accumulated in float64 whatever the basis dtype: α = qᵀHq summed in float32 over 10⁷ entries
-        # drifts by ~√n·u relative, which biased a float32 basis's Ritz values at 22M parameters (bench/)
-        if X.dtype != torch.float64:
-            X, Y = X.double(), Y.double()
-        return (X.T @ Y).cpu().numpy()
+        return inner(X, Y)  # accumulated in float64 (comment above `dot64`)
 
     def lincomb(self, terms) -> Tensor:
         out = None
@@ -184,7 +231,7 @@ class LocalBackend(KrylovBackend):
         self._m += b
 
     def project(self, X: Tensor) -> np.ndarray:
-        return (self.Q @ X).double().cpu().numpy()
+        return dot64(self.Q, X).cpu().numpy()  # float64 accumulation (comment above `dot64`)
 
     # Local overrides of the generic helpers: the same arithmetic without the numpy round trips of the
     # coefficients (on small models these conversions were ~1/3 of a Lanczos step's own cost).
@@ -193,18 +240,20 @@ class LocalBackend(KrylovBackend):
             return X
         Q = self.Q
         for _ in range(2):  # two passes of classical Gram–Schmidt ("twice is enough")
-            X = torch.addmm(X, Q.T, Q @ X, alpha=-1.0)
+            # coefficients accumulated in float64 (`dot64`): float32 gemv loses orthogonality on
+            # localised vectors; the subtraction is elementwise, rounded per entry, so float32 is fine
+            X = torch.addmm(X, Q.T, dot64(Q, X).to(X.dtype), alpha=-1.0)
         return X
 
     def norm(self, x: Tensor) -> float:
-        return float(torch.linalg.norm(x))
+        return float(column_norms(x)[0])  # torch.linalg.norm in float32: −8e-4 relative at dim = 2·10⁷
 
     def lanczos_step(self, q: Tensor, q_prev: Tensor | None, beta_prev: float):
         # The same arithmetic as the generic step in a dozen torch calls: on small models the driver's
         # own per-step cost is Python overhead (0.23 ms a step against a 1.7 ms HVP on the tiny GPT-2).
         w = self.apply(q)
         self.append(q, w)
-        alpha = float(torch.dot(q[:, 0], w[:, 0]))
+        alpha = float(inner(q, w)[0, 0])  # not torch.dot: float32 sdot is biased at 10⁷ (`dot64`)
         r = torch.add(w, q, alpha=-alpha)
         if q_prev is not None:
             r.add_(q_prev, alpha=-beta_prev)
@@ -216,7 +265,7 @@ class LocalBackend(KrylovBackend):
 
     def residual_norms(self, S: np.ndarray, theta: np.ndarray) -> np.ndarray:
         Y, HY = self._ritz_rows(S)
-        return torch.linalg.norm(HY - Y * self._c(theta)[:, None], dim=1).double().cpu().numpy()
+        return column_norms((HY - Y * self._c(theta)[:, None]).T)
 
     def _ritz_rows(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
         # Sᵀ(Q rows) rather than (Qᵀ)S: the same product, 3× faster for a thin S (k×m by m×dim)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend
+from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend, column_norms
 from eqlab.analyses.curvature.lanczos import LanczosResult, _select, next_seed
 
 
@@ -139,7 +139,7 @@ def block_lanczos(matmat=None, dim: int | None = None, k: int = 5, block_size: i
 
     Y, HY = be.ritz_vectors(S[:, chosen])
     theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
-    res = torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
+    res = column_norms(HY - Y * theta)  # float64 accumulation (backend.dot64)
     gap = 1e3 * tol * scale
     mult = [int(np.sum(np.abs(evals - evals[i]) <= gap)) for i in chosen]
     return BlockLanczosResult(

@@ -47,6 +47,11 @@ Why these choices:
   do not inflate it. With ``rtol`` the Krylov dimension must also reach ``min_iter`` (default
   ARPACK-like max(2·wanted + 1, 20), capped at dim) before convergence is accepted.
   Defaults (tol = √eps of the products' dtype, max_iter) come from `defaults.py`.
+* Inner products over dim (α, β, Gram–Schmidt coefficients, residual norms) are accumulated in float64
+  whatever the basis dtype (`backend.dot64`): a float32 basis stores and combines vectors in float32,
+  but float32 running sums over 10⁶–10⁷ entries are biased (‖q‖ = 1 + 1e-3 and Ritz values 2e-3·λ1 high
+  at 21.5M parameters; tests/test_curvature_lanczos_float32.py), and T is only the projection if they
+  are not.
 * The basis lives in a `KrylovBackend` (`backend.py`): one process by default, or parameter slices
   on several workers (`pipeline/sharded_basis.py`); the recurrence only sees scalars and handles.
 """
@@ -62,7 +67,7 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.linalg.lapack import dstev
 from torch import Tensor
 
-from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend
+from eqlab.analyses.curvature.backend import KrylovBackend, LocalBackend, column_norms
 from eqlab.analyses.curvature.defaults import as_dtype, for_dtype, product_dtype
 
 
@@ -393,7 +398,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
         again.verifications += verifications
         return again
     theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
-    res = torch.linalg.norm(HY - Y * theta, dim=0).double().cpu().numpy()
+    res = column_norms(HY - Y * theta)  # float32 norms over 10⁷ entries are biased (backend.inner)
     # the last step's cheap estimates for the gaps, true r for ours
     r_all = cheap_residuals(S, beta, broke)
     r_all[chosen] = res

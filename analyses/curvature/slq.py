@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from eqlab.analyses.curvature.backend import LocalBackend
+from eqlab.analyses.curvature.backend import LocalBackend, column_norms, dot64, inner
 from eqlab.analyses.curvature.defaults import for_dtype, product_dtype
 from eqlab.analyses.curvature.lanczos import tridiagonal_eigh
 
@@ -36,17 +36,18 @@ def tridiagonal(matvec: Callable, v0: torch.Tensor, steps: int, reorthogonalise:
     steps = min(steps, dim)
     # The same local basis the Lanczos eigensolver runs on (its W = HQ rows are kept but unused here).
     basis = LocalBackend(dim, matvec, dtype=v0.dtype, device=v0.device, capacity=steps)
-    q, q_prev, beta = v0 / torch.linalg.norm(v0), None, 0.0
+    # inner products accumulated in float64 (backend.dot64): float32 sums over 10⁷ entries are biased
+    q, q_prev, beta = v0 / float(column_norms(v0)[0]), None, 0.0
     alphas, betas = [], []
     for j in range(steps):
         w = matvec(q).to(device=v0.device, dtype=v0.dtype)
         basis.append(q[:, None], w[:, None])
-        alpha = float(q @ w)
+        alpha = float(inner(q, w)[0, 0])
         alphas.append(alpha)
         r = w - alpha * q - (beta * q_prev if q_prev is not None else 0.0)
         if reorthogonalise:
             r = basis.orthogonalise(r[:, None])[:, 0]
-        beta = float(torch.linalg.norm(r))
+        beta = float(column_norms(r)[0])
         scale = max(abs(a) for a in alphas + betas) if alphas else 1.0
         if j == steps - 1 or beta <= breakdown * max(scale, 1e-300):
             break
@@ -103,7 +104,7 @@ def tridiagonals_lockstep(matmat: Callable, V0: torch.Tensor, steps: int, reorth
     dim, P = V0.shape
     steps = min(steps, dim)
     Q = torch.zeros(steps, dim, P, dtype=V0.dtype, device=V0.device)  # probe p's basis: Q[:m_p, :, p]
-    q = V0 / torch.linalg.norm(V0, dim=0)
+    q = V0 / torch.as_tensor(column_norms(V0), dtype=V0.dtype, device=V0.device)  # float64 sums (dot64)
     q_prev = torch.zeros_like(q)
     beta = torch.zeros(P, dtype=V0.dtype, device=V0.device)
     alphas: list[list[float]] = [[] for _ in range(P)]
@@ -116,13 +117,15 @@ def tridiagonals_lockstep(matmat: Callable, V0: torch.Tensor, steps: int, reorth
         w = matmat(qa).to(device=V0.device, dtype=V0.dtype)
         n += len(active)
         Q[j][:, cols] = qa
-        alpha = (qa * w).sum(0)
+        alpha = torch.as_tensor([float(inner(qa[:, i], w[:, i])[0, 0]) for i in range(len(active))],
+                             dtype=V0.dtype, device=V0.device)
         r = w - alpha * qa - beta[cols] * q_prev[:, cols]
         if reorthogonalise:  # two passes of classical Gram–Schmidt, each probe against its own basis
             basis = Q[: j + 1][:, :, cols]
             for _ in range(2):
-                r = r - torch.einsum("mdp,mp->dp", basis, torch.einsum("mdp,dp->mp", basis, r))
-        b = torch.linalg.norm(r, dim=0)
+                C = torch.stack([dot64(basis[:, :, i], r[:, i:i + 1])[:, 0] for i in range(len(active))], 1)
+                r = r - torch.einsum("mdp,mp->dp", basis, C.to(r.dtype))
+        b = torch.as_tensor(column_norms(r), dtype=V0.dtype, device=V0.device)
         still = []
         for i, p in enumerate(active):
             alphas[p].append(float(alpha[i]))
