@@ -166,7 +166,7 @@ def _report(args) -> int:
     _check_writable(out, "--out")
     rep = rp.build_report(results, out)
     print(f"report: {rep.index}   ({len(rep.figures)} figures"
-          + (f"; {len(rep.notes)} notes, e.g. {rep.notes[0]}" if rep.notes else "") + ")")
+          + (f"; {len(rep.notes)} note{'s' if len(rep.notes) > 1 else ''}, e.g. {rep.notes[0]}" if rep.notes else "") + ")")
     return 0
 
 

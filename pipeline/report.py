@@ -164,7 +164,7 @@ def _table(columns: list[str], rows: list[list], cls: str = "", verdict_col: int
 
 
 def _runs(t: Tables, out: Path) -> Section:
-    sec = Section("runs", "Runs")
+    sec = Section("runs", TITLES["runs"])
     why = t.why_empty("runs")
     if why:
         sec.note(f"no runs table: {why}")
@@ -180,7 +180,7 @@ def _runs(t: Tables, out: Path) -> Section:
 def _training(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("training", "Training")
+    sec = Section("training", TITLES["training"])
     metrics, checkpoints = [], []
     why = t.why_empty("metrics")
     if why:
@@ -204,7 +204,7 @@ def _training(t: Tables, out: Path) -> Section:
 def _spectra(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("spectra", "Hessian spectra over training")
+    sec = Section("spectra", TITLES["spectra"])
     why = t.why_empty("spectra")
     if why:
         sec.note(f"no spectra figure: {why}")
@@ -221,7 +221,7 @@ def _spectra(t: Tables, out: Path) -> Section:
 def _densities(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("densities", "Spectral densities (SLQ) over training")
+    sec = Section("densities", TITLES["densities"])
     why = t.why_empty("densities")
     if why:
         sec.note(f"no densities figure: {why}")
@@ -239,7 +239,7 @@ def _densities(t: Tables, out: Path) -> Section:
 def _blocks(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("blocks", "Per-block sharpness over training")
+    sec = Section("blocks", TITLES["blocks"])
     why = t.why_empty("block_spectra")
     if why:
         sec.note(f"no per-block heatmap: {why}")
@@ -263,7 +263,7 @@ def _blocks(t: Tables, out: Path) -> Section:
 def _identities(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("identities", "Symmetry identities")
+    sec = Section("identities", TITLES["identities"])
     why = t.why_empty("identities")
     if why:
         sec.note(f"no identities figure: {why}")
@@ -295,7 +295,7 @@ def _identities(t: Tables, out: Path) -> Section:
 def _conservation(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("conservation", "Conserved quantities under the optimizers")
+    sec = Section("conservation", TITLES["conservation"])
     why = t.why_empty("conservation")
     if why:
         sec.note(f"no conservation figure: {why}")
@@ -319,7 +319,7 @@ def _conservation(t: Tables, out: Path) -> Section:
 def _findings(t: Tables, out: Path) -> Section:
     from eqlab.pipeline import report_figures as rf
 
-    sec = Section("findings", "Findings")
+    sec = Section("findings", TITLES["findings"])
     why = t.why_empty("findings")
     if why:
         sec.note(f"no findings figures or table: {why}")
@@ -370,6 +370,10 @@ def _findings(t: Tables, out: Path) -> Section:
     return sec
 
 
+TITLES = {"runs": "Runs", "training": "Training", "spectra": "Hessian spectra over training",
+          "densities": "Spectral densities (SLQ) over training", "blocks": "Per-block sharpness over training",
+          "identities": "Symmetry identities", "conservation": "Conserved quantities under the optimizers",
+          "findings": "Findings"}
 SECTIONS = (_runs, _training, _spectra, _densities, _blocks, _identities, _conservation, _findings)
 
 CSS = """
@@ -406,10 +410,16 @@ def build_report(results: Path, out: Path | None = None) -> Report:
         for make in SECTIONS:
             try:
                 sections.append(make(t, out))
-            except _Skip as e:
-                sec = Section(make.__name__.strip("_"), make.__name__.strip("_").capitalize())
-                sec.note(str(e))
+            except Exception as e:  # one section's trouble (an old schema, odd values) never loses the page
+                anchor = make.__name__.strip("_")
+                sec = Section(anchor, TITLES.get(anchor, anchor.capitalize()))
+                sec.note(str(e) if isinstance(e, _Skip) else
+                         f"this section could not be drawn: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 sections.append(sec)
+        linked = {f for s in sections for f in s.figures}
+        for orphan in out.glob(FIGURE_GLOB):  # written by a section that then failed
+            if orphan.name not in linked:
+                orphan.unlink()
     finally:
         t.close()
     import eqlab

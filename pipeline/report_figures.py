@@ -37,6 +37,11 @@ def natural_key(s: str):
 def save_png(fig: Figure, path: Path) -> tuple[int, int]:
     """Write ``fig`` as a PNG through the Agg canvas; returns its (width, height) in pixels."""
     canvas = FigureCanvasAgg(fig)
+    for ax in fig.axes:  # a log axis with nothing positive and finite on it (all NaN, all zero) draws linear
+        for scale, set_scale, lim in ((ax.get_xscale(), ax.set_xscale, ax.dataLim.intervalx),
+                                      (ax.get_yscale(), ax.set_yscale, ax.dataLim.intervaly)):
+            if scale == "log" and not (np.isfinite(lim).all() and lim[1] > 0):
+                set_scale("linear")
     fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
     w, h = canvas.get_width_height()
     return int(w), int(h)
@@ -206,8 +211,10 @@ def densities(groups: list[dict]) -> Figure | None:
     fig, axes = _grid(len(runs))
     for ax, (run, gs) in zip(axes, runs.items()):
         gs.sort(key=lambda g: g["step"])
+        finite = lambda g: g["alphas"] and all(a and np.isfinite(a).all() for a in g["alphas"]) and \
+            all(b is not None and np.isfinite(b).all() for b in g["betas"])  # noqa: E731
         res = [(g["step"], SLQResult(int(g["dim"]), [list(a) for a in g["alphas"]], [list(b) for b in g["betas"]], 0))
-               for g in gs if g["alphas"] and all(len(a) for a in g["alphas"])]
+               for g in gs if finite(g)]
         if not res:
             ax.set_visible(False)
             continue
@@ -223,7 +230,8 @@ def densities(groups: list[dict]) -> Figure | None:
             peak = max(peak, float(d.max()))
             ax.plot(grid, d, color=cmap(i / max(len(res) - 1, 1)), lw=1.2, label=f"step {step}")
         ax.set_yscale("log")
-        ax.set_ylim(peak * 1e-6, peak * 2)
+        if peak > 0:
+            ax.set_ylim(peak * 1e-6, peak * 2)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("spectral density")
         ax.set_title(text(f"{run}: SLQ density (σ = {sigma:.2g})"))
