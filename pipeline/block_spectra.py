@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from eqlab.analyses.curvature.lanczos import lanczos
 from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.curvature.params import ParamSpace
+from eqlab.pipeline import interrupt
 from eqlab.pipeline.allocator import keep_freed_memory
 from eqlab.pipeline.spectra import DTYPES
 
@@ -77,8 +78,10 @@ class BlockSpectraPool:
     """Actors that each own whole blocks; kept across checkpoints so a run pays their start-up once."""
 
     def __init__(self, source, workers: int = 2, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 blocks: dict[str, list[str]] | None = None):
+                 blocks: dict[str, list[str]] | None = None, threads: int | None = None):
+        """``threads``: torch threads per actor (default: its whole CPUs, at least one)."""
         self.source, self.dtype, self.cpus = source, dtype, cpus_per_worker
+        self.threads = max(1, int(cpus_per_worker)) if threads is None else threads
         model = source(DTYPES[dtype])[0]
         self.blocks = layer_blocks(model) if blocks is None else blocks
         sizes = {b: ParamSpace(model, names).dim for b, names in self.blocks.items()}
@@ -86,7 +89,7 @@ class BlockSpectraPool:
         self.actors = [self._spawn() for _ in self.plan]
 
     def _spawn(self):
-        return BlockActor.options(num_cpus=self.cpus).remote(self.source, self.dtype, max(1, int(self.cpus)))
+        return BlockActor.options(num_cpus=self.cpus).remote(self.source, self.dtype, self.threads)
 
     def run(self, state: dict | None = None, k: int = 3, which: str = "LA", tol: float = 1e-8,
             max_iter: int = 200, seed: int = 0) -> list[dict]:
@@ -102,7 +105,7 @@ class BlockSpectraPool:
         for i in range(len(self.plan)):
             for attempt in range(2):
                 try:
-                    rows += ray.get(jobs[i])
+                    rows += interrupt.get(jobs[i])  # a whole block's Lanczos: wait so Ctrl-C still stops it
                     break
                 except RayActorError:  # the actor holds nothing that the source cannot rebuild
                     if attempt == 1:
@@ -152,7 +155,8 @@ class BlockSpectraStage(PoolStage):
         from eqlab.pipeline.spectra import FamilySource
         sp = ctx.study.spectra
         source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
-        return BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=ctx.study.num_cpus / sp.workers)
+        return BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=ctx.actor_cpus(sp.workers),
+                                threads=ctx.threads(sp.workers))
 
     def compute(self, ctx, pool, spec, step, state, out):
         sp = ctx.study.spectra

@@ -1,4 +1,5 @@
-"""One study end to end: train → checkpoints → sharded spectra → identity checks → Parquet tables.
+"""One study end to end: train → checkpoints → sharded spectra → identity checks → Parquet tables
+(each run: `pipeline/run_pipeline.py`; runs in flight at once: `pipeline/schedule.py`).
 
 Each stage writes its rows per (run, step) key with the config hash of what produced them (the run's
 training hash, the stage's settings, the checkpoint's weights digest) and skips a key only when the
@@ -8,24 +9,16 @@ results folder is locked for the whole study (`pipeline.lock`).
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from eqlab.pipeline import checkpoint as ckpt
-from eqlab.pipeline import store
+from eqlab.pipeline import interrupt
 from eqlab.pipeline.cluster import connect
-from eqlab.pipeline.hashing import config_hash
 from eqlab.pipeline.lock import results_lock
-from eqlab.pipeline.identities import VERDICTS
-from eqlab.pipeline.stage import Checkpoints, StageContext, run_stages, task_sizes
-from eqlab.pipeline.stages import STAGES
-from eqlab.pipeline.study import RunSpec, Study
-from eqlab.pipeline.train import TrainResult, train_hash, train_run
+from eqlab.pipeline.schedule import run_all
+from eqlab.pipeline.stage import StageContext
+from eqlab.pipeline.study import Study
 
 
 @dataclass
@@ -42,59 +35,6 @@ class RunSummary:
     conservation: tuple | None = None
 
 
-def _stage_train(study: Study, spec: RunSpec, results: Path, log) -> Checkpoints:
-    storage = results / "checkpoints"
-    thash = train_hash(spec)
-    have = ckpt.list_steps(storage / spec.run_id)
-    run_row = store.has_rows(results, "runs", spec.run_id, store.RUN_LEVEL, thash, log)
-    diverged = _recorded_divergence(results, spec) if run_row else None
-    wanted = [s for s in spec.checkpoint_steps if diverged is None or s < diverged]
-    done = run_row and set(wanted) <= set(have) and all(
-        ckpt.verify(have[s], thash) is None and store.has_rows(results, "checkpoints", spec.run_id, s,
-                                                               config_hash(thash, ckpt.weights_digest(have[s])), log)
-        for s in wanted)
-    if done:
-        log(f"[train] {spec.run_id}: all {len(wanted)} checkpoints present and verified, skipping")
-        res = TrainResult({s: have[s] for s in wanted}, diverged)
-    else:
-        cpus = min(1.0, study.num_cpus / spec.train_workers)
-        res = train_run(spec, storage, cpus_per_worker=cpus, log=log)
-    keys = {s: config_hash(thash, ckpt.weights_digest(d)) for s, d in res.checkpoints.items()}
-    for table in store.TABLES_BY_RUN:  # rows of steps this configuration no longer has (an edited schedule)
-        store.prune(results, table, spec.run_id, keep=set(res.checkpoints))
-    for s, d in res.checkpoints.items():
-        # per-step metrics: the steps before checkpoint s, saved in its metrics.json (also filled in for a
-        # results folder written before the table existed)
-        need_metrics = not done or not store.has_rows(results, "metrics", spec.run_id, s, keys[s], log)
-        if done and not need_metrics:
-            continue
-        m = ckpt.load_metrics(d)
-        if not done:
-            row = {k: m[k] for k in ("train_loss", "test_loss", "train_acc", "test_acc", "param_norm", "grad_norm")}
-            store.write_rows(results, "checkpoints", spec.run_id, s, [{**row, "checkpoint_uri": str(d)}],
-                             study.name, study.hash, keys[s])
-        store.write_rows(results, "metrics", spec.run_id, s, m.get("history", []), study.name, study.hash, keys[s])
-    if not done:
-        _write_run_row(study, spec, results, thash, res.diverged_at)
-    return Checkpoints(res.checkpoints, keys, res.diverged_at)
-
-
-def _recorded_divergence(results: Path, spec: RunSpec) -> int | None:
-    t = store.read_key(results, "runs", spec.run_id, store.RUN_LEVEL)
-    v = t.column("diverged_at_step")[0].as_py() if t.num_rows else None
-    return None if v is None else int(v)
-
-
-def _write_run_row(study: Study, spec: RunSpec, results: Path, thash: str, diverged_at: int | None) -> None:
-    n_params, n_train, n_test = task_sizes(spec)
-    store.write_rows(results, "runs", spec.run_id, store.RUN_LEVEL, [{
-        "family": spec.family, "optimizer": spec.optimizer, "lr": spec.lr, "weight_decay": spec.weight_decay,
-        "steps": spec.steps, "seed": spec.seed, "n_params": n_params, "n_train": n_train, "n_test": n_test,
-        "train_workers": spec.train_workers, "config_json": json.dumps(asdict(spec)),
-        "created_at": datetime.now(timezone.utc), "status": "ok" if diverged_at is None else "diverged",
-        "diverged_at_step": diverged_at}], study.name, study.hash, thash)
-
-
 def run_study(study: Study, results: Path, address: str | None = None, dashboard: bool = False,
               log=print, inject: dict | None = None) -> list[RunSummary]:
     """Run (or resume) a study into ``results``; ``inject`` is for fault-injection tests only."""
@@ -105,20 +45,11 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         resources = connect(study.num_cpus, address=address, dashboard=dashboard)
         log(f"[ray] cluster ready: {resources.get('CPU', 0):g} CPUs ({time.time() - t0:.1f}s)")
         ctx = StageContext(study, results, log, dict(inject or {}))
-        for i, spec in enumerate(study.runs, 1):
-            log(f"== run {i}/{len(study.runs)}: {spec.run_id}")
-            stage = ["training"]  # what a Ctrl-C interrupted, for its one-line message
-            try:
-                ck = _stage_train(study, spec, results, log)
-                if ck.diverged_at is not None:
-                    log(f"[{spec.run_id}] diverged at step {ck.diverged_at}: later stages run only on the "
-                        f"{len(ck.steps)} checkpoint(s) before it")
-                run_stages(STAGES, ctx, spec, ck, on_stage=lambda label: stage.__setitem__(0, label))
-            except KeyboardInterrupt:
-                # Rows are written whole or not at all (store.write_rows), so nothing is half-written.
-                print(f"eqlab: interrupted during {stage[0]} of run {spec.run_id!r}; every finished checkpoint "
-                      f"and row is kept in {results}", file=sys.stderr)
-                raise
+        storage = results / "checkpoints"
+        interrupt.reset(storage)
+        if study.schedule.concurrent_runs > 1:
+            log(f"[schedule] {study.schedule.concurrent_runs} runs at a time, {ctx.share.cpus:g} CPUs each")
+        run_all(ctx, storage, log)
         log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
         return summarize(results, study)
 

@@ -4,10 +4,11 @@ Evolution rule: only add columns, never change a column's type; bump SCHEMA_VERS
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
+SCHEMA_VERSION = 5  # 2: config_hash on every row; runs.status / diverged_at_step; identities.verdict
 #                    3: spectra.hvp_method / hvp_method_reason; conservation.tolerance / verdict /
 #                       tolerance_reason
 #                    4: metrics (per training step); inspections' discovery verdict columns
+#                    5: checkpoints.saved_at, spectra.computed_at (training and analysis overlap in time)
 
 # Columns every row carries: the row key (study, run_id, step) and the schema version.
 _KEY = [
@@ -45,6 +46,7 @@ TABLES: dict[str, pa.Schema] = {
         ("param_norm", pa.float64()),
         ("grad_norm", pa.float64()),
         ("checkpoint_uri", pa.string()),
+        ("saved_at", pa.timestamp("us", tz="UTC")),  # when training wrote it (rank 0's clock); NULL before v5
     ]),
     "metrics": pa.schema(_KEY + [  # every training step; key step = the checkpoint that follows it
         ("train_step", pa.int64()),
@@ -66,6 +68,7 @@ TABLES: dict[str, pa.Schema] = {
         ("seconds", pa.float64()),
         ("hvp_method", pa.string()),         # how the products were computed (method+conv), per actor if they differ
         ("hvp_method_reason", pa.string()),  # the rule that chose it (analyses/curvature/operator.py)
+        ("computed_at", pa.timestamp("us", tz="UTC")),  # when the Lanczos run ended (it began `seconds` earlier)
     ]),
     "block_spectra": pa.schema(_KEY + [   # per-block Hessians H_bb, one block per module (layer)
         ("block", pa.string()),          # module name owning the block's parameters

@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 import ray
@@ -28,7 +29,7 @@ from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.curvature.params import ParamSpace
 from eqlab.analyses.curvature.slq import slq
 from eqlab.models import build_task
-from eqlab.pipeline import actor_channel
+from eqlab.pipeline import actor_channel, interrupt
 from eqlab.pipeline.allocator import ONE_ARENA_ENV, keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -131,11 +132,13 @@ class ShardedHessian:
     """Driver side of the pool: a float64 matvec summed over all shards, with actor replacement."""
 
     def __init__(self, source, workers: int, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 names=None, channel: bool = True):
+                 names=None, channel: bool = True, threads: int | None = None):
         """``channel``: send products of at most CHANNEL_BYTES over a same-node socket beside Ray
-        (`pipeline.actor_channel`) when the driver shares a machine with every actor; Ray otherwise."""
+        (`pipeline.actor_channel`) when the driver shares a machine with every actor; Ray otherwise.
+        ``threads``: torch threads per actor (default: its whole CPUs, at least one)."""
         self.source, self.workers, self.dtype = source, workers, dtype
         self.cpus_per_worker, self.names = cpus_per_worker, names
+        self.threads = max(1, int(cpus_per_worker)) if threads is None else threads
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
         self.methods: list[dict] = []  # each actor's hvp_method() after the last load
@@ -143,12 +146,12 @@ class ShardedHessian:
         self.use_channel, self.channel = channel and actor_channel.AVAILABLE, None
 
     def _spawn(self, i: int):
-        threads = max(1, int(self.cpus_per_worker))
         return HessianShard.options(num_cpus=self.cpus_per_worker, runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
-            self.source, i, self.workers, self.dtype, threads, self.names)
+            self.source, i, self.workers, self.dtype, self.threads, self.names)
 
     def _call(self, method: str, *args):
         """Call ``method`` on every actor; replace any actor that died and retry its part."""
+        interrupt.check()  # each product is short: a study's Ctrl-C stops a pool within one of them
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         try:  # one wait for all: a driver that sleeps once per actor pays a thread wake-up each time
             return ray.get(refs)
@@ -211,6 +214,7 @@ class ShardedHessian:
     def _products(self, method: str, x: np.ndarray) -> np.ndarray:
         """Σ over actors of ``method``(x), divided by the total example count (float64)."""
         parts = None
+        interrupt.check()
         if self.channel is not None and x.nbytes <= self.CHANNEL_BYTES:
             try:
                 parts = self.channel.call(method, x)
@@ -284,7 +288,8 @@ def spectrum_rows(pool: ShardedHessian, state: dict | None, top_k: int, tol: flo
     seconds = time.perf_counter() - t0
     rows = [{"which": which, "rank": i, "eigenvalue": float(lam), "residual": float(r), "converged": bool(c),
              "hvps": int(res.n_matvec), "iterations": int(res.iterations), "workers": pool.workers,
-             "n_examples": pool.n_examples, "dtype": pool.dtype, "seconds": seconds, **hvp_method_columns(pool)}
+             "n_examples": pool.n_examples, "dtype": pool.dtype, "seconds": seconds, **hvp_method_columns(pool),
+             "computed_at": datetime.now(timezone.utc)}
             for i, (lam, r, c) in enumerate(zip(res.eigenvalues.tolist(), list(res.residuals),
                                                  list(res.converged)))]
     tri = {"which": which, "alphas": [float(a) for a in res.alphas], "betas": [float(b) for b in res.betas],

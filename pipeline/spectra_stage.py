@@ -39,7 +39,8 @@ class SpectraStage(PoolStage):
         source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
         n_micro = -(-min(sp.examples, task_sizes(spec)[1]) // sp.microbatch)
         workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
-        return ShardedHessian(source, workers, sp.dtype, cpus_per_worker=ctx.study.num_cpus / workers)
+        return ShardedHessian(source, workers, sp.dtype, cpus_per_worker=ctx.actor_cpus(workers),
+                              threads=ctx.threads(workers))
 
     def compute(self, ctx, pool, spec, step, state, out):
         sp, seed = ctx.study.spectra, ctx.study.seed

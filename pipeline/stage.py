@@ -21,7 +21,8 @@ from typing import Callable
 import ray
 
 from eqlab.pipeline import checkpoint as ckpt
-from eqlab.pipeline import store
+from eqlab.pipeline import interrupt, store
+from eqlab.pipeline.budget import RunShare, run_share
 from eqlab.pipeline.hashing import config_hash
 from eqlab.pipeline.study import RunSpec, Study
 
@@ -45,11 +46,25 @@ class Output:
 
 @dataclass
 class StageContext:
-    """What every stage run sees: the study, where rows go, the log, fault-injection hooks (tests)."""
+    """What every stage run sees: the study, where rows go, the log, fault-injection hooks (tests), the
+    run's share of the cluster, and whether the run is still training beside it (`pipeline/budget.py`)."""
     study: Study
     results: Path
     log: Callable[[str], None]
     inject: dict = field(default_factory=dict)
+    share: RunShare | None = None
+    training: Callable[[], bool] = lambda: False
+
+    def __post_init__(self):
+        if self.share is None:
+            self.share = run_share(self.study)
+
+    def actor_cpus(self, actors: int) -> float:
+        """Logical CPUs for each of ``actors`` pool actors opened now."""
+        return self.share.per_actor(actors, self.training())
+
+    def threads(self, actors: int) -> int:
+        return self.share.threads(actors)
 
     def write(self, spec: RunSpec, step: int, table: str, rows: list[dict], key: str) -> None:
         store.write_rows(self.results, table, spec.run_id, step, rows, self.study.name, self.study.hash, key)
@@ -100,11 +115,15 @@ class TaskStage(Stage):
 
     def run(self, ctx, spec, ck, todo):
         (out,) = self.outputs
-        remote = ray.remote(num_cpus=self.num_cpus)(type(self)._remote_compute)
+        cpus = min(self.num_cpus, ctx.share.per_task(ctx.training()))
+        remote = ray.remote(num_cpus=cpus)(type(self)._remote_compute)
         settings = out.settings(ctx.study)
         pending = {remote.remote(self, spec, str(ck.steps[s]), settings, self.hooks(ctx)): s for s in todo}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            interrupt.check()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+            if not ready:
+                continue
             s = pending.pop(ready[0])
             rows = ray.get(ready[0])
             for table in out.tables:
@@ -130,6 +149,7 @@ class PoolStage(Stage):
         pool = self.open(ctx, spec)
         try:
             for s, outs in todo.items():
+                interrupt.check()
                 state = ckpt.load_state(ck.steps[s])
                 for out in outs:
                     for table, rows in self.compute(ctx, pool, spec, s, state, out).items():

@@ -78,6 +78,14 @@ class IdentitiesSpec:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """How the study's runs share the cluster (`pipeline/budget.py`); it changes when rows are computed,
+    never what they hold, so it is not part of the study's hash."""
+    concurrent_runs: int = 1            # runs trained and analysed at the same time
+    analyse_while_training: bool = True  # a run's stages start on each checkpoint as it lands
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     seed: int
@@ -86,10 +94,12 @@ class Study:
     spectra: SpectraSpec = field(default_factory=SpectraSpec)
     identities: IdentitiesSpec = field(default_factory=IdentitiesSpec)
     source: str = ""
+    schedule: Schedule = field(default_factory=Schedule)
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=list).encode()).hexdigest()[:16]
+        what = {k: v for k, v in asdict(self).items() if k != "schedule"}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def log_spaced_steps(steps: int, n: int) -> tuple[int, ...]:
@@ -281,6 +291,10 @@ def parse_study(data: dict, source: str = "") -> Study:
     s.done()
     r = _Fields(top._get("ray", {}, False), "ray")
     num_cpus = r.float("num_cpus", 2, positive=True, maximum=MAX_CPUS)
+    concurrent = r.int("concurrent_runs", 1, minimum=1, maximum=MAX_CPUS)
+    overlap = r._get("analyse_while_training", True, False)
+    if not isinstance(overlap, bool):
+        raise StudyError(f"ray.analyse_while_training: expected true or false (got {overlap!r})")
     r.done()
     sp = _Fields(top._get("spectra", {}, False), "spectra")
     d = SpectraSpec()
@@ -333,8 +347,9 @@ def parse_study(data: dict, source: str = "") -> Study:
             raise StudyError(f"spectra.top_k: must be <= the parameter count of every run (got {spectra.top_k}; "
                              f"{tables[i][0]} {r.run_id!r} has {n_params[i]} parameters)")
     top.done()
+    schedule = Schedule(concurrent_runs=min(concurrent, len(runs)), analyse_while_training=overlap)
     return Study(name=name, seed=seed, num_cpus=num_cpus, runs=runs, spectra=spectra,
-                 identities=identities, source=source)
+                 identities=identities, source=source, schedule=schedule)
 
 
 def load_study(path: str | Path | None = None) -> Study:

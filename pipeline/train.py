@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -27,6 +28,7 @@ from eqlab.analyses.curvature import functional as F
 from eqlab.models import build_task
 from eqlab.models.losses import accuracy
 from eqlab.pipeline import checkpoint as ckpt
+from eqlab.pipeline import interrupt
 from eqlab.pipeline.hashing import config_hash
 from eqlab.pipeline.study import RunSpec
 
@@ -44,15 +46,16 @@ class TrainResult:
     diverged_at: int | None = None     # first step whose training loss (or weights) was not finite
 
 
-def _all_ranks_mean(value: float, world: int) -> float:
+def _all_ranks_mean(value: float, world: int, stop: bool = False) -> tuple[float, bool]:
     """The mean over ranks of one number (NaN or inf anywhere makes it non-finite on every rank, so the
-    ranks agree on divergence as they must: one would otherwise skip a report barrier)."""
-    t = torch.tensor([value], dtype=torch.float64)
+    ranks agree on divergence as they must: one would otherwise skip a report barrier), and whether any
+    rank was asked to stop (carried in the same all-reduce, so every rank stops after the same step)."""
+    t = torch.tensor([value, 1.0 if stop else 0.0], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world
+    return float(t[0].item()) / world, bool(t[1].item() > 0)
 
 
 def _grad_norm(model) -> float:
@@ -125,6 +128,7 @@ def train_loop(config: dict) -> None:
             start = ckpt.load_metrics(d)["step"]
     model = ray.train.torch.prepare_model(plain) if world > 1 else plain  # DDP over gloo on CPUs
     X, y = task.train
+    stop_file = config.get("stop_file")
     checkpoints = set(spec.checkpoint_steps)
     history: list[dict] = []  # per-step metrics since the last checkpoint, saved with the next one
     for step in range(start, spec.steps + 1):
@@ -136,7 +140,9 @@ def train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     # the steps since the last checkpoint travel in its metrics.json, not in Ray's report
-                    ckpt.save(d, plain, {**metrics, "history": history}, opt, config_hash=config["train_hash"])
+                    # saved_at: when this checkpoint existed (the overlap of training and analysis is read from it)
+                    ckpt.save(d, plain, {**metrics, "history": history, "saved_at": time.time()}, opt,
+                              config_hash=config["train_hash"])
                     history = []
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                                      checkpoint_dir_name=ckpt.step_dir_name(step))
@@ -145,11 +151,16 @@ def train_loop(config: dict) -> None:
         if step == spec.steps:
             break
         _inject_failure(config, step)
+        _inject_pause(config, step)
         idx = minibatch_indices(len(y), spec.batch_size, spec.seed, step)[rank::world]
         model.train()
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model(X[idx]), y[idx])
-        mean_loss = _all_ranks_mean(float(loss), world)
+        # rank 0 looks for the study's stop file (Ctrl-C in the driver: pipeline/interrupt.py)
+        mean_loss, stop = _all_ranks_mean(float(loss), world, rank == 0 and stop_file is not None
+                                          and os.path.exists(stop_file))
+        if stop:  # the checkpoints reported so far are whole and listed: a rerun resumes from the last
+            return
         if not math.isfinite(mean_loss):
             return _report_divergence(step, rank, config["train_hash"])
         loss.backward()
@@ -174,6 +185,21 @@ def _report_divergence(step: int, rank: int, thash: str) -> None:
             ray.train.report(metrics)
 
 
+def _inject_pause(config: dict, step: int) -> None:
+    """Test hook: at ``pause_at``, wait until the file ``until_exists`` appears (e.g. a row the analysis of
+    an earlier checkpoint writes), so a test can show analysis running while training waits; gives up
+    with an error after ``pause_limit_s`` (the analysis never started: it was not overlapping)."""
+    at, path = config.get("pause_at"), config.get("until_exists")  # "{run_id}" in it: this run's id
+    if at is None or step != at or not path:
+        return
+    path = path.format(run_id=config["spec"]["run_id"])
+    deadline = time.time() + config.get("pause_limit_s", 120)
+    while not Path(path).exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"injected pause at step {step}: {path} never appeared")
+        time.sleep(0.1)
+
+
 def _inject_failure(config: dict, step: int) -> None:
     """Fault injection for tests: crash this worker once at ``fail_once_at`` (a marker file records it)."""
     at, marker = config.get("fail_once_at"), config.get("fail_marker")
@@ -193,7 +219,7 @@ def _watch(run_dir: Path, spec: RunSpec, stop: threading.Event, log) -> None:
                     f"train loss {m['train_loss']:.4f}  test acc {m['test_acc']:.3f}")
 
 
-def _prepare_run_dir(run_dir: Path, thash: str, log) -> None:
+def prepare_run_dir(run_dir: Path, thash: str, log) -> None:
     """Keep a run folder Ray Train can resume from; replace one it must not resume.
 
     Kept: every checkpoint carries ``thash`` and is whole, and Ray's snapshot lists only those. A
@@ -254,9 +280,12 @@ def _interruptible(base):
 
 
 def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print, max_failures: int = 3,
-              inject: dict | None = None) -> TrainResult:
+              inject: dict | None = None, prepared: bool = False) -> TrainResult:
     """Train one run on the connected Ray cluster; returns its checkpoints (and the step it diverged at).
-    A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint."""
+    A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint.
+    ``prepared``: the caller already ran `prepare_run_dir` (it reads checkpoints while this trains).
+    Runs in any thread; in the main thread a Ctrl-C aborts it directly (`_interruptible`), elsewhere
+    through `pipeline.interrupt` (the stop file)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer as RayTorchTrainer
 
@@ -268,11 +297,12 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     storage = Path(storage).resolve()
     run_dir = storage / spec.run_id
     thash = train_hash(spec)
-    _prepare_run_dir(run_dir, thash, log)
+    if not prepared:
+        prepare_run_dir(run_dir, thash, log)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker)), "train_hash": thash,
-                           **(inject or {})},
+                           "stop_file": str(storage / interrupt.STOP_FILE), **(inject or {})},
         scaling_config=ScalingConfig(num_workers=spec.train_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=spec.run_id, storage_path=str(storage),
@@ -287,19 +317,22 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     log(f"[train] {spec.run_id}: {spec.family}, {spec.optimizer} lr={spec.lr}, {spec.steps} steps on "
         f"{spec.train_workers} Ray Train worker(s); checkpoints at {list(spec.checkpoint_steps)}")
     watcher.start()
+    main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception:
-        if trainer.interrupted:  # a terminal's Ctrl-C reaches Ray's processes too: its controller may die of it
-            raise KeyboardInterrupt(f"training of run {spec.run_id!r}") from None
+        # a terminal's Ctrl-C reaches Ray's processes too: the controller or a worker may die of it
+        if trainer.interrupted or interrupt.STOP.is_set():
+            raise interrupt.Stopped(f"training of run {spec.run_id!r}") from None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)  # Ray Train leaves its own handler installed after fit
+        if main:
+            signal.signal(signal.SIGINT, previous)  # Ray Train leaves its own handler installed after fit
         stop.set()
         watcher.join()
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"training of run {spec.run_id!r}")
+    if trainer.interrupted or interrupt.STOP.is_set():
+        raise interrupt.Stopped(f"training of run {spec.run_id!r}")
     if result.error:
         raise RuntimeError(f"training run {spec.run_id!r} failed: {result.error}")
     steps = {s: d for s, d in ckpt.list_steps(run_dir).items() if s in spec.checkpoint_steps}

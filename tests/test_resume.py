@@ -42,7 +42,8 @@ def snapshot(results):
     out = {}
     for t in TABLES:
         table = store.read_table(results, t)
-        rows = table.drop_columns([c for c in ("seconds", "created_at", "checkpoint_uri", "hvp_method_reason")
+        rows = table.drop_columns([c for c in ("seconds", "created_at", "saved_at", "computed_at", "checkpoint_uri",
+                                             "hvp_method_reason")
                                    if c in table.column_names])
         out[t] = sorted(map(repr, rows.to_pylist()))
     return out
@@ -209,11 +210,12 @@ def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT):
             proc.wait()
 
 
-def _write_study(path, **run):
+def _write_study(path, ray=None, **run):
     import json
 
     d = copy.deepcopy(TINY)
     d["runs"][0].update(run)
+    d["ray"].update(ray or {})
     lines = []
     for section in ("study", "ray", "spectra", "identities"):
         lines.append(f"[{section}]")
@@ -229,7 +231,8 @@ def _write_study(path, **run):
 def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
     results = tmp_path / "r"
     run = {"steps": 2000, "checkpoint_steps": [0, 5, 2000], "batch_size": 256}
-    _write_study(tmp_path / f"{stage}.toml", **run)
+    # training: with the spectra of steps 0 and 5 running beside it (the default); spectra: after training
+    _write_study(tmp_path / f"{stage}.toml", ray={"analyse_while_training": stage == "training"}, **run)
     if stage == "training":
         ready = lambda: (results / "checkpoints" / "cnn" / "step=000005" / ckpt.MANIFEST).exists()
     else:
@@ -246,9 +249,35 @@ def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
         assert any("[train] cnn: all 3 checkpoints present" in line for line in logs), logs
 
 
+def test_four_runs_at_once_on_two_cpus_analyse_while_training_and_match_the_single_run_tables(baseline, tmp_path):
+    """Twice as many runs in flight as cores, each analysing its checkpoints while it trains: nothing
+    deadlocks, run 'cnn' ends with exactly the rows it has when trained alone, the others with every
+    row. Each run's training pauses at step 4 until its own step-0 spectra row exists: a pipeline that
+    analysed only after training would stop there with an error, so the overlap is shown, not timed."""
+    d = copy.deepcopy(TINY)
+    d["ray"]["concurrent_runs"] = 4
+    d["runs"] += [{**TINY["runs"][0], "name": f"cnn{i}", "seed": i} for i in (1, 2, 3)]
+    results = tmp_path / "r"
+    logs = []
+    pause = {"pause_at": 4, "until_exists": str(results / "spectra" / "{run_id}" / f"{0:09d}.parquet"),
+             "pause_limit_s": 60}
+    run_study(parse_study(d), results, log=logs.append, inject={"train": pause})
+    assert any("[schedule] 4 runs at a time, 0.5 CPUs each" in line for line in logs), logs
+    got = snapshot(results)
+    assert {t: [r for r in rows if "'run_id': 'cnn'," in r] for t, rows in got.items()} == baseline[1]
+    for rid in ("cnn", "cnn1", "cnn2", "cnn3"):
+        for t in TABLES:
+            n = sum(f"'run_id': '{rid}'," in r for r in got[t])
+            assert n == sum(f"'run_id': 'cnn'," in r for r in baseline[1][t]) or t == "conservation", (rid, t, n)
+        _, [(first_done, last_saved)] = run_query(results, f"""
+            select (select min(computed_at) from spectra where run_id = '{rid}'),
+                   (select max(saved_at) from checkpoints where run_id = '{rid}')""")
+        assert first_done < last_saved, (rid, first_done, last_saved)  # curvature of step 0 before step 6 existed
+
+
 def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tmp_path):
     results = tmp_path / "r"
-    _write_study(tmp_path / "kill.toml")
+    _write_study(tmp_path / "kill.toml", ray={"analyse_while_training": False})  # killed after training
     rc, _, _ = _interrupt_when(results, lambda: len(store.table_files(results, "spectra")) >= 1, tmp_path, "kill",
                                sig=signal.SIGKILL)
     assert rc == -signal.SIGKILL
