@@ -30,8 +30,12 @@ def text(s) -> str:
     return "\u200a" + s if s.startswith("_") else s
 
 
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE]-?\d+)?)")
+
+
 def natural_key(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+    """Sort key reading the numbers in a name as numbers: cnn-lr0.01 < cnn-lr0.03 < cnn-lr0.1, h.2 < h.10."""
+    return [float(p) if i % 2 else p for i, p in enumerate(_NUMBER.split(str(s)))]
 
 
 def save_png(fig: Figure, path: Path) -> tuple[int, int]:
@@ -436,8 +440,12 @@ def conservation(rows: list[dict]) -> Figure | None:
         lrs = [r["lr"] for r in pts]
         ch = [r["change"] for r in pts]
         fit = fit_slope(lrs, ch)
-        what = ("one lr: no slope" if fit is None else
-                f"slope {fit[0]:.2f}" + ("" if math.isnan(fit[1]) else f" ± {fit[1]:.2f}"))
+        if fit is not None:
+            what = f"slope {fit[0]:.2f}" + ("" if math.isnan(fit[1]) else f" ± {fit[1]:.2f}")
+        elif len({l for l in lrs if l}) < 2:
+            what = "one lr: no slope"
+        else:
+            what = "no nonzero change: no slope"
         a1.scatter(lrs, _clip(ch, f_ch), marker=markers.get(opt, "D"), color=col, s=20, alpha=0.75,
                    label=text(f"{opt} {sym}: {what}"))
         if fit is not None:

@@ -314,3 +314,19 @@ def test_the_page_opens_in_a_headless_browser(report):
     assert problems == [], problems
     assert len(images) == len(page.imgs) >= 7
     assert all(done and width > 0 for _, done, width in images), images
+
+
+def test_drift_slope_is_fitted_on_log_log():
+    """The conservation figure's slope: SGD's eta^2 law gives 2, an O(eta) drift 1; one lr gives none."""
+    import math
+
+    from eqlab.pipeline.report_figures import fit_slope
+
+    lrs = [0.01, 0.02, 0.05, 0.1, 0.01, 0.1]
+    slope, se = fit_slope(lrs, [3.0 * l ** 2 for l in lrs])
+    assert abs(slope - 2) < 1e-12 and se < 1e-9
+    slope, se = fit_slope(lrs, [0.5 * l * (1.1 if i % 2 else 0.9) for i, l in enumerate(lrs)])
+    assert abs(slope - 1) < 0.2 and 0 < se < 0.2
+    assert fit_slope([0.1, 0.1], [1.0, 2.0]) is None and fit_slope([0.1, 0.2], [0.0, 0.0]) is None
+    slope, se = fit_slope([0.1, 0.2], [1.0, 4.0])
+    assert abs(slope - 2) < 1e-12 and math.isnan(se)
