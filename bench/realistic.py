@@ -44,9 +44,10 @@ ROWS: list[dict] = []
 NOTES: list[str] = []
 # One setting per library (no sweep at this size), each the residual rule at the target accuracy or the
 # cheapest setting that met top-5 within 1e-3 on the small models (bench/results M3). eqlab runs with a
-# float32 basis (a float64 one is 2·m·n·8 B ≈ 14 GB at 40 steps, too much beside the others' jobs) and
-# tol 1e-3, max_iter 40: with a float32 basis at n ≈ 2·10⁷ the tridiagonal's Ritz values are ≈ 2e-3·λ1
-# high while the Ritz vectors are right (COST.md), so residuals stall and the default tol cannot pass.
+# float32 basis (a float64 one is 2·m·n·8 B ≈ 14 GB at 40 steps, too much beside the others' jobs), the
+# residual rule at tol 1e-3 and max_iter 40 as a memory cap (2·40·n·4 B ≈ 6.9 GB). Before its inner
+# products were accumulated in float64 (backend.dot64) the float32 Ritz values here were ≈ 2e-3·λ1 high
+# and nothing converged in 40 products (bench/results/realistic_gpt2s_3l_rerun.md).
 TOP5 = {"eqlab": {"tol": 1e-3, "max_iter": 40}, "curvlinops": {"tol": 1e-3},
         "eigenthings": {"max_iter": 25}, "pyhessian": {"tol": 1e-3, "maxIter": 20}}
 TRACE = {"eqlab": "hutch++", "curvlinops": "hutch++", "pyhessian": "hutchinson", "eigenthings": "hutch++"}

@@ -264,8 +264,11 @@ class LocalBackend(KrylovBackend):
         return X - self.Q.T @ self._c(C)
 
     def residual_norms(self, S: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        Y, HY = self._ritz_rows(S)
-        return column_norms((HY - Y * self._c(theta)[:, None]).T)
+        # R = SᵀW − diag(θ)SᵀQ into one k×dim buffer (not Y, HY and their difference: 3 × k·dim at 10⁷)
+        St = self._c(S).T.contiguous()
+        R = torch.mm(St, self.W)
+        R.addmm_(St * self._c(theta)[:, None], self.Q, alpha=-1.0)
+        return column_norms(R.T)
 
     def _ritz_rows(self, S: np.ndarray) -> tuple[Tensor, Tensor]:
         # Sᵀ(Q rows) rather than (Qᵀ)S: the same product, 3× faster for a thin S (k×m by m×dim)

@@ -398,7 +398,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
         again.verifications += verifications
         return again
     theta = torch.as_tensor(evals[chosen].copy(), dtype=Y.dtype, device=Y.device)
-    res = column_norms(HY - Y * theta)  # float32 norms over 10⁷ entries are biased (backend.inner)
+    # one column at a time (a dim-length temporary, not k of them); float64 sums (backend.dot64)
+    res = np.array([column_norms(HY[:, j] - Y[:, j] * theta[j])[0] for j in range(Y.shape[1])])
     # the last step's cheap estimates for the gaps, true r for ours
     r_all = cheap_residuals(S, beta, broke)
     r_all[chosen] = res
