@@ -50,6 +50,8 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         if study.schedule.concurrent_runs > 1:
             log(f"[schedule] {study.schedule.concurrent_runs} runs at a time, {ctx.share.cpus:g} CPUs each")
         run_all(ctx, storage, log)
+        from eqlab.pipeline.findings_drift import write_drift_findings  # finding 5: across runs, once all are done
+        write_drift_findings(results, study, log)
         log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
         return summarize(results, study)
 
