@@ -170,6 +170,38 @@ def _report(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from eqlab.pipeline import reproduce as rp  # tomllib and the study parser: no torch, no Ray yet
+
+    try:
+        if args.list:
+            print("\n".join(rp.list_lines()))
+            return 0
+        presets = rp.load_presets(rp.select(args.finding), args.scale)  # every file validated first
+    except rp.ReproduceError as e:
+        raise UsageError(str(e)) from None
+    from eqlab.pipeline.study import local_cpus
+
+    for name, study, _ in presets:  # they run on the embedded local cluster; the full ones are for a cluster
+        if study.num_cpus > local_cpus():
+            raise UsageError(f"reproduce --scale {args.scale}: preset {name} needs ray.num_cpus = {study.num_cpus:g}, "
+                             f"this machine has {local_cpus()} CPUs; submit it to a Ray cluster: eqlab submit "
+                             f"{rp.preset_path(name, args.scale)}")
+        _check_writable(rp.results_for(Path(args.results) if args.results else None, name, len(presets) > 1))
+    from eqlab.pipeline.runner import print_summary, run_study
+
+    done = []
+    for name, study, findings in presets:
+        results = rp.results_for(Path(args.results) if args.results else None, name, len(presets) > 1)
+        print_summary(run_study(study, results))
+        done.append((results, study, findings))
+    print("\n=== findings ===")
+    for results, study, findings in done:
+        for line in rp.verdict_lines(results, study, findings):
+            print(f"{line}   [{results}]")
+    return 0
+
+
 def _inspect(args) -> int:
     from eqlab.pipeline.userfunc import parse_overrides
 
@@ -298,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", help="a study's results folder (default: results/default)")
     rp.add_argument("--out", help="where index.html and its PNG figures go (default: <results>/report)")
     rp.set_defaults(func=_report)
+
+    rr = sub.add_parser("reproduce", help="run the preset study behind each finding and print its verdicts")
+    rr.add_argument("finding", nargs="?", default="all", help="flat, align, drift or all (default; --list names them)")
+    rr.add_argument("--scale", choices=("small", "full"), default="small",
+                    help="small: this 2-core machine (default); full: the cluster-size study (eqlab submit)")
+    rr.add_argument("--results", help="where the tables go (default: results/reproduce-<preset>; with several "
+                                      "presets, one folder each under it)")
+    rr.add_argument("--list", action="store_true", help="one line per finding on what it tests; run nothing")
+    rr.set_defaults(func=_reproduce)
 
     i = sub.add_parser("inspect", help="discover and verify the transformations a model carries")
     i.add_argument("model", help="FILE.py:FUNC (returning model, batch, loss) or a transformers model folder")
