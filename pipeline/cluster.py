@@ -14,6 +14,7 @@ interfaces.
 """
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import logging
 import os
@@ -174,7 +175,24 @@ def connect(num_cpus: float = 2, address: str | None = None, dashboard: bool = F
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      object_store_memory=object_store_mb * 2**20, runtime_env=runtime_env,
                      log_to_driver=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+            atexit.register(_shutdown_embedded)  # runs before Ray's own exit hook (atexit is LIFO)
     return ray.cluster_resources()
+
+
+def _shutdown_embedded(wait_s: float = 5.0) -> None:
+    """Stop the embedded cluster at exit and end whatever of it outlived ``ray.shutdown()``: Ray Train
+    2.60's TrainController of a run stopped early (Ctrl-C) survives it, reparented to PID 1."""
+    import psutil
+    import ray
+
+    ours = psutil.Process().children(recursive=True)  # GCS, raylet, and every worker and actor under it
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=wait_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 # --- Ray Train: a torch rendezvous store bound to rank 0's node address ----------------------------------

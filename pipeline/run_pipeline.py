@@ -107,15 +107,17 @@ def _landed(run_dir: Path, spec: RunSpec, thash: str, seen: set[int]) -> dict[in
 
 
 class _Training(threading.Thread):
-    def __init__(self, **kwargs):
+    def __init__(self, on_exit, **kwargs):
         super().__init__(daemon=True, name=f"train-{kwargs['spec'].run_id}")
-        self.kwargs, self.result, self.error = kwargs, None, None
+        self.on_exit, self.kwargs, self.result, self.error = on_exit, kwargs, None, None
 
     def run(self):
         try:
             self.result = train_run(**self.kwargs)
         except BaseException as e:  # noqa: BLE001  (handed to the run's thread, which raises it)
             self.error = e
+        finally:
+            self.on_exit()  # at once, not when the run's thread next looks: a Ctrl-C message must be right
 
 
 def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
@@ -129,7 +131,8 @@ def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
         storage = results / "checkpoints"
         run_dir, thash = storage / spec.run_id, train_hash(spec)
         prepare_run_dir(run_dir, thash, log)
-        training = _Training(spec=spec, storage=storage, log=log, inject=ctx.inject.get("train"), prepared=True,
+        training = _Training(lambda: activity.set(spec.run_id, "train", None), spec=spec, storage=storage, log=log,
+                             inject=ctx.inject.get("train"), prepared=True,
                              cpus_per_worker=ctx.share.per_train_worker(spec.train_workers))
         run_ctx = StageContext(ctx.study, results, log, ctx.inject, ctx.share, training=training.is_alive)
         activity.set(spec.run_id, "train", "training")
