@@ -69,3 +69,19 @@ def test_presets_ship_as_package_data():
     assert "reproduce/*.toml" in data["eqlab.pipeline.studies"]
     shipped = {p.name for p in resources.files("eqlab.pipeline.studies").joinpath("reproduce").iterdir()}
     assert {f"{f.preset}-{s}.toml" for f in rp.FINDINGS for s in rp.SCALES} <= shipped
+
+
+def test_verdict_lines_count_predictions_and_controls_from_the_findings_table(tmp_path):
+    from eqlab.pipeline import store
+
+    study = _preset("drift", "small")
+    rows = [{"finding": "conservation_drift_slope", "control": c, "verdict": v, "symmetry": "relu_rescale"}
+            for c, v in ((False, "holds"), (False, "holds"), (True, "violated"), (True, "violated"))]
+    store.write_rows(tmp_path, "findings", "cnn-sgd", store.RUN_LEVEL, rows, study=study.name)
+    store.write_rows(tmp_path, "findings", "gpt-sgd", store.RUN_LEVEL, rows[:1] + rows[2:3], study=study.name)
+    store.write_rows(tmp_path, "findings", "cnn-sgd-lr0.01", 0,
+                     [{"finding": "flat_symmetry_direction", "control": False, "verdict": "supported"}], study=study.name)
+    drift, flat = rp.verdict_lines(tmp_path, study, [rp.BY_NAME["drift"], rp.BY_NAME["flat"]])
+    assert drift.startswith("drift (conservation_drift_slope): predictions: 3 holds; negative controls: 3 violated")
+    assert drift.endswith("model families: digits_cnn, gpt2_text")
+    assert "predictions: 1 supported; negative controls: no rows; model families: digits_cnn" in flat
