@@ -133,6 +133,9 @@ def write_drift_findings(results: Path, study: Study, log=print) -> dict[str, li
         ids = {s.run_id for s in specs}
         mine = [r for r in cons if r["run_id"] in ids]
         rows, exact = drift_rows(specs, mine, status)
+        if not rows:  # no conserved family with a drift (or no replayed step): nothing to store
+            log(f"[findings] {FINDING} {name}: no rows" + (f" (conserved to rounding: {', '.join(exact)})" if exact else ""))
+            continue
         h = config_hash(FINDING, SETTINGS, sorted((r["run_id"], r["step"], r["config_hash"]) for r in mine),
                         sorted((i, hashes.get(i), status.get(i)) for i in ids))
         store.write_rows(results, "findings", name, store.RUN_LEVEL, rows, study=study.name,

@@ -186,3 +186,16 @@ def test_study_level_rows_from_a_hand_built_conservation_table(tmp_path):
     # rerunning replaces the rows, never duplicates them
     write_drift_findings(tmp_path, study, lines.append)
     assert len([r for r in store.read_table(tmp_path, "findings").to_pylist() if r["finding"] == FINDING]) == len(mine)
+
+
+def test_a_diverged_run_is_left_out_of_its_sweep_and_named(tmp_path):
+    study = parse_study(STUDY, "test")
+    _write_tables(tmp_path, study)
+    store.write_rows(tmp_path, "runs", "cnn-lr0.1", store.RUN_LEVEL,
+                     [{"family": "digits_cnn", "optimizer": "sgd", "lr": 0.1, "status": "diverged",
+                       "diverged_at_step": 3}], study=study.name, config_hash="h")
+    out = write_drift_findings(tmp_path, study, lambda *_: None)
+    row = next(r for r in out["cnn"] if r["symmetry"] == "relu_rescale" and not r["control"])
+    assert row["probes"] == 6 and "lr 0.01, 0.03 " in row["tolerance_reason"]
+    assert "diverged runs left out: cnn-lr0.1" in row["tolerance_reason"]
+    assert "two learning rates: not measurable" in row["tolerance_reason"]
