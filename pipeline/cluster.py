@@ -184,7 +184,12 @@ def _shutdown_embedded(wait_s: float = 5.0) -> None:
     2.60's TrainController of a run stopped early (Ctrl-C) survives it, reparented to PID 1."""
     import psutil
     import ray
+    from ray._private import auto_init_hook
 
+    # A run thread still inside a Ray call (Ctrl-C gives them GRACE_S, then the process exits) must not
+    # start a second cluster by Ray's auto-init once this one is gone: its agents would outlive us. This
+    # is what RAY_ENABLE_AUTO_CONNECT=0 sets, but Ray reads that variable only when it is imported.
+    auto_init_hook.enable_auto_connect = False
     ours = psutil.Process().children(recursive=True)  # GCS, raylet, and every worker and actor under it
     ray.shutdown()
     _, alive = psutil.wait_procs(ours, timeout=wait_s)
