@@ -1,0 +1,214 @@
+"""Indefiniteness of normalised networks (catalog rows 16, 15, 2a, 3a, 4a), matrix-free.
+
+README text: *A scale-invariant block S (a filter feeding BatchNorm, a Linear feeding LayerNorm, the
+pre-LN residual stream) has Hθ_S = −g_S, so its Hessian block cannot be positive semidefinite while
+g_S ≠ 0: λ_min ≤ −‖g_S‖²/(μ₊‖θ_S‖²) < 0, with μ₊ ≤ λ_max the top Ritz value of H on span{θ_S, g_S}. We
+measure λ_min and λ_max of the block's own Hessian by Lanczos (residual-aware), ‖g_S‖, ‖θ_S‖ and
+g_SᵀHg_S by one HVP, and check the bound at every checkpoint against the convex classifier head, which
+must violate it by exactly |bound|.*
+
+The bound, derived. Let S be one generator of a verified scale family whose generator is a 0/1 projection
+(ξ = P_Sθ, no Ψ), and P ⊇ S the family's parameters. Row 2a/3a/4a gives Hθ_S = −g_S, and the first-order
+identity ⟨g_S, θ_S⟩ = 0. With the orthonormal pair e₁ = θ_S/‖θ_S‖, e₂ = g_S/‖g_S‖, the Rayleigh–Ritz
+matrix of H on span{θ_S, g_S} is
+
+    R = [[0, −b], [−b, ρ]],   b = ‖g_S‖/‖θ_S‖,   ρ = g_SᵀHg_S/‖g_S‖²   (one HVP),
+
+because e₁ᵀHe₁ = −⟨θ_S, g_S⟩/‖θ_S‖² = 0 and e₂ᵀHe₁ = −‖g_S‖²/(‖g_S‖‖θ_S‖). Its eigenvalues are
+μ± = (ρ ± √(ρ² + 4b²))/2 with μ₊μ₋ = det R = −b², so μ₋ = −b²/μ₊ < 0. Courant–Fischer (Cauchy
+interlacing): λ_min ≤ μ₋ and μ₊ ≤ λ_max, hence
+
+    λ_min ≤ μ₋ = −‖g_S‖²/(μ₊‖θ_S‖²) ≤ −‖g_S‖²/(λ_max‖θ_S‖²),
+
+the Ritz form is always at least as sharp as the mean-zero-measure form of row 16 (spectral.py), and needs
+no λ_max. Everything holds for the block Hessian H_PP (P_P H θ_S = −g_S since S ⊂ P), whose λ_min bounds
+the full λ_min from above (interlacing again), so testing H_PP is the stronger, cheaper statement. Among the
+family's generators we take S with the largest ‖g_k‖²/‖θ_k‖²: every combination Σc_kP_kθ has curvature 0
+and ‖Hξ‖²/‖ξ‖² = Σc_k²‖g_k‖²/Σc_k²‖θ_k‖² ≤ max_k ‖g_k‖²/‖θ_k‖², so one generator gives the sharpest b.
+
+The negative control: the classifier head U (the parameters of a verified softmax translation). Logits are
+linear in U with the features fixed, and cross-entropy is convex in the logits, so H_UU is positive
+semidefinite, and the translation directions are exact null vectors: λ_min(H_UU) = 0 exactly. Here
+Hθ_U ≠ −g_U (the premise is broken: H_UUθ_U is the Gauss–Newton term of row 9b), and the same bound built
+from (θ_U, g_U) must come out violated by λ_min − bound = |bound|. When |bound| is below the tolerance
+(g_U ≈ 0, e.g. at a critical point) the control cannot discriminate: verdict inconclusive.
+
+Tolerance of `λ̂_min − bound` (one-sided: the row holds when λ̂_min ≤ bound + tolerance):
+* Lanczos: a Ritz value is ≥ λ_min in exact arithmetic; its error is the result's eigenvalue bound
+  min(r, r²/gap) (≥ 16·eps·max|θ|) when converged and verified, else the true residual r (an unconverged
+  value widens the tolerance rather than faking a violation);
+* the bound's terms: ρ comes from one HVP, whose rounding is the I2 bound 4·γ_n(u)·(‖Hg_S‖/‖g_S‖ + ‖H‖)
+  contracted with the unit e₂ (flat_directions.py), and |∂μ₋/∂ρ| ≤ 1; b² carries the forward + backward
+  rounding 2·γ_n(u) of g twice (a square), and |∂μ₋/∂b²| = 1/√(ρ² + 4b²).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.identities import PASSES, rounding_model, unit_roundoff
+from eqlab.analyses.transforms import Continuous
+from eqlab.analyses.transforms.continuous import ScaleFamily, TranslationFamily
+
+VERDICTS = ("holds", "violated", "inconclusive")
+CONTROL_FAMILY = "softmax_translation"  # its parameters are the convex classifier head
+
+
+def ritz_bound(b2: float, rho: float) -> tuple[float, float]:
+    """(μ₋, μ₊) of [[0, −b], [−b, ρ]] without cancellation: the root with ρ's sign is formed by addition,
+    the other from μ₊μ₋ = −b². b2 = 0 gives (min(ρ, 0), max(ρ, 0))."""
+    if b2 == 0.0:
+        return min(rho, 0.0), max(rho, 0.0)
+    s = math.sqrt(rho * rho + 4.0 * b2)
+    if rho >= 0:
+        hi = 0.5 * (rho + s)
+        return -b2 / hi, hi
+    lo = 0.5 * (rho - s)
+    return lo, -b2 / lo
+
+
+def projection_generators(t) -> list[int] | None:
+    """Indices of t's generators when t is a scale invariance whose every generator is a 0/1 projection
+    P_k (ξ_k = P_kθ, Ψ = 0): the blocks S with Hθ_S = −g_S. None for any other family."""
+    if not isinstance(t, ScaleFamily) or not t.expected or t.output_scale or t.loss_rate:
+        return None
+    for g in t.generators:
+        if any(k != 1.0 for _, _, _, k in g):
+            return None
+    return list(range(t.n_generators))
+
+
+@dataclass
+class BlockIndefiniteness:
+    """One block at one θ: the bottom/top of its Hessian block and the bound from its gradient."""
+    transformation: str
+    family: str
+    control: bool
+    params: list
+    generator: int           # which generator is S (-1: the whole block, the control)
+    theta_sq: float          # ‖θ_S‖²
+    grad_sq: float           # ‖g_S‖²
+    rho: float               # g_SᵀHg_S/‖g_S‖²
+    lambda_min: float        # Lanczos smallest Ritz value of H_PP
+    lambda_min_residual: float
+    lambda_min_error: float  # what the tolerance takes for it (eigenvalue bound, or residual if unconverged)
+    lambda_max: float
+    lambda_max_error: float
+    converged: bool
+    bound: float             # μ₋ = −‖g_S‖²/(μ₊‖θ_S‖²), the Ritz form
+    bound_lambda_max: float  # −‖g_S‖²/(λ_max‖θ_S‖²), the weaker row-16 form
+    tolerance: float
+    bound_rounding: float    # the bound's own share of the tolerance (the rest is the Lanczos error)
+    hvps: int
+    dtype: str
+    tolerance_reason: str
+
+    @property
+    def residual(self) -> float:
+        """λ̂_min − bound: ≤ 0 (up to tolerance) when the bound holds; |bound| expected for the control."""
+        return self.lambda_min - self.bound
+
+    @property
+    def holds(self) -> bool:
+        return self.residual <= self.tolerance
+
+    @property
+    def verdict(self) -> str:
+        if self.control:
+            return "inconclusive" if self.holds else "violated"
+        return "holds" if self.holds else "violated"
+
+
+def _block_extremes(op: HessianOperator, max_iter: int, tol: float, seed: int):
+    res = lanczos(op.matvec, op.dim, k=1, which="both", tol=tol, max_iter=max(2, min(max_iter, op.dim)),
+                  seed=seed, warn=False)
+    lam = [float(x) for x in res.eigenvalues]  # top then bottom
+    lmax, lmin = lam[0], lam[-1]
+    ok = bool(res.converged[-1]) and res.verified
+    err = float(res.errors[-1]) if ok else float(res.residuals[-1])
+    err_max = float(res.errors[0]) if bool(res.converged[0]) and res.verified else float(res.residuals[0])
+    return lmin, float(res.residuals[-1]), err, lmax, err_max, ok, res.n_matvec
+
+
+def block_indefiniteness(model, loss, batch, t, control: bool, max_iter: int = 40, tol: float = 1e-3,
+                         seed: int = 0, gamma_n: float | None = None, n: int | None = None) -> BlockIndefiniteness | None:
+    """λ_min/λ_max of H_PP (P = t.params) by one Lanczos run from both ends, S = the generator with the
+    largest ‖g_k‖²/‖θ_k‖² (the whole block for a control), ρ by one HVP, and the Ritz bound. None when no
+    generator has θ_S ≠ 0."""
+    op = HessianOperator(model, loss, batch, names=t.params, method="double_backward", dtype=torch.float64)
+    theta = op.space.values(op.model).double()
+    grad = op.gradient().double()
+    if control:
+        masks = [torch.ones_like(theta)]
+    else:
+        shapes = {nm: theta.new_zeros(op.space.shapes[nm]) for nm in op.space.names}
+        masks = [op.space.flatten(t.field(shapes, torch.eye(t.n_generators, dtype=torch.float64)[k])).double()
+                 for k in projection_generators(t)]
+    best, best_ratio = None, -1.0
+    for k, m in enumerate(masks):
+        th2 = float((m * theta).pow(2).sum())
+        if th2 == 0.0:
+            continue
+        ratio = float((m * grad).pow(2).sum()) / th2
+        if ratio > best_ratio:
+            best, best_ratio = k, ratio
+    if best is None:
+        return None
+    m = masks[best]
+    th2, gS = float((m * theta).pow(2).sum()), m * grad
+    g2 = float(gS @ gS)
+    lmin, rmin, err, lmax, err_max, ok, n_lanczos = _block_extremes(op, max_iter, tol, seed)
+    lam_abs = max(abs(lmin), abs(lmax))
+    if g2 > 0:
+        hg = op.matvec(gS)
+        rho, hg_norm = float(gS @ hg) / g2, float(hg.norm()) / math.sqrt(g2)
+        hvps = n_lanczos + 1
+    else:
+        rho, hg_norm, hvps = 0.0, 0.0, n_lanczos
+    b2 = g2 / th2
+    bound, _ = ritz_bound(b2, rho)
+    bound_lmax = -b2 / lmax if lmax > 0 else -math.inf
+    if gamma_n is None or n is None:
+        rd = rounding_model(model, loss, batch, seed)
+        gamma_n, n = rd.gamma(), rd.n
+    d_rho = PASSES[2] * gamma_n * (hg_norm + lam_abs)
+    d_b2 = 2 * PASSES[1] * gamma_n * b2
+    sens_b2 = 1.0 / math.sqrt(rho * rho + 4.0 * b2) if b2 > 0 else 0.0
+    bound_rounding = d_rho + sens_b2 * d_b2
+    tolerance = err + bound_rounding
+    which = "the whole head block" if control else f"generator {best} of {len(masks)}"
+    lz = (f"converged and verified: eigenvalue bound min(r, r^2/gap) = {err:.2e}" if ok else
+          f"NOT converged in {n_lanczos} HVPs: tolerance widened by the true residual r = {err:.2e}")
+    reason = (f"lambda_min of the block Hessian ({len(theta)} params) by Lanczos, {lz}; plus the bound's "
+              f"rounding: 4 gamma_n(u) (||Hg_S||/||g_S|| + ||H||) = {d_rho:.1e} for rho (one HVP, "
+              f"|d mu_-/d rho| <= 1) and 4 gamma_n(u) b^2/sqrt(rho^2+4b^2) = {sens_b2 * d_b2:.1e} for "
+              f"b^2 = ||g_S||^2/||theta_S||^2 (n = {n}, u = {unit_roundoff(torch.float64):.1e}); S = {which}; "
+              f"weaker lambda_max form of the bound: {bound_lmax:.4g}")
+    if control:
+        reason = (f"control: the classifier head is convex in its own parameters (H_UU PSD, lambda_min = 0 "
+                  f"from the translation null vectors) and H theta_U != -g_U, so the bound must fail by |bound| "
+                  f"= {abs(bound):.3g}" + ("" if abs(bound) > tolerance else
+                                           " -- below the tolerance (g_U ~ 0): cannot discriminate") + "; " + reason)
+    return BlockIndefiniteness(t.name, t.family, control, list(t.params), -1 if control else best, th2, g2, rho,
+                               lmin, rmin, err, lmax, err_max, ok, bound, bound_lmax, tolerance, bound_rounding, hvps, "float64", reason)
+
+
+def indefiniteness_findings(model, loss, batch, transformations, max_iter: int = 40, tol: float = 1e-3,
+                            seed: int = 0) -> list[BlockIndefiniteness]:
+    """One prediction per verified scale-invariant family (projection generators), one control per
+    classifier head (a verified softmax translation); none of either when the model has no prediction."""
+    preds = [t for t in transformations if isinstance(t, Continuous) and projection_generators(t)]
+    if not preds:
+        return []
+    heads = [t for t in transformations if isinstance(t, TranslationFamily) and t.family == CONTROL_FAMILY]
+    rd = rounding_model(model, loss, batch, seed)
+    out = []
+    for t, control in [(t, False) for t in preds] + [(t, True) for t in heads]:
+        f = block_indefiniteness(model, loss, batch, t, control, max_iter, tol, seed, rd.gamma(), rd.n)
+        if f is not None:
+            out.append(f)
+    return out

@@ -1,0 +1,207 @@
+"""Findings 4 (indefiniteness of normalised networks): the matrix-free λ_min/λ_max of each scale-invariant
+block and the Ritz bound against dense float64 eigh on a BatchNorm CNN (after some SGD) and a pre-LN GPT-2;
+the convex-head negative control violated by exactly |bound|; an unconverged Lanczos widening the
+tolerance instead of faking a verdict; the pipeline rows fitting the findings schema."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from eqlab.analyses.curvature.dense import dense_hessian
+from eqlab.analyses.curvature.operator import HessianOperator
+from eqlab.analyses.discover import discover
+from eqlab.analyses.identities import unit_roundoff
+from eqlab.analyses.predictions.indefiniteness import (block_indefiniteness, indefiniteness_findings,
+                                                       projection_generators, ritz_bound)
+from eqlab.models import build_task, hf_tiny
+from eqlab.pipeline.findings_indefinite import FINDING, SETTINGS, indefinite_rows
+from eqlab.pipeline.schema import TABLES
+
+F64 = torch.float64
+U = unit_roundoff(F64)
+torch.set_num_threads(1)
+
+
+def _cnn_trained(steps=20):
+    """BN CNN (eps 1e-20: the exact-symmetry limit) after a few SGD steps, so g is a mid-training one."""
+    task = build_task("digits_cnn", {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20}, dtype=F64)
+    model, loss = task.model, task.loss
+    model.train()
+    X, y = task.train
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        loss(model(X[i]), y[i]).backward()
+        opt.step()
+    return model, loss, (X[:32], y[:32])
+
+
+def _gpt2():
+    """Pre-LN GPT-2 with LayerNorm eps = 0, so the residual-stream scale is exact (verified)."""
+    model, loss, batch = hf_tiny.gpt2(n_layer=1, n_head=2, n_embd=8, vocab=7, seq=4, n=8, layer_norm_epsilon=0.0)
+    return model.to(F64), loss, batch
+
+
+def _verified(model, loss, batch):
+    return [f.transformation for f in discover(model, loss, batch).found if f.verified]
+
+
+class _Dense:
+    """Dense float64 H_PP, g_P, θ_P of one block by a plain double-backward operator (the oracle)."""
+
+    def __init__(self, model, loss, batch, names):
+        op = HessianOperator(model, loss, batch, names=names, method="double_backward", dtype=F64, conv="native")
+        self.space = op.space
+        self.H = dense_hessian(op)
+        self.theta = op.space.values(op.model).double()
+        self.grad = op.gradient().double()
+        self.evals = torch.linalg.eigvalsh(self.H)
+        self.norm = float(self.evals.abs().max())
+        # eigh's backward error is O(dim·u·‖H‖) (Householder tridiagonalisation + QR, Higham §8):
+        self.eig_rounding = self.H.shape[0] * U * self.norm
+
+    def mask(self, t, k):
+        zeros = {n: torch.zeros(self.space.shapes[n], dtype=F64) for n in self.space.names}
+        return self.space.flatten(t.field(zeros, torch.eye(t.n_generators, dtype=F64)[k])).double()
+
+    def ritz_2d(self, v, w):
+        """Smallest Rayleigh–Ritz value of the dense H on span{v, w} (no premise used: Gram-orthonormalised)."""
+        Q, _ = torch.linalg.qr(torch.stack([v, w], 1))
+        return float(torch.linalg.eigvalsh(Q.T @ self.H @ Q)[0])
+
+
+@pytest.fixture(scope="module", params=["digits_cnn", "gpt2"])
+def case(request):
+    model, loss, batch = _cnn_trained() if request.param == "digits_cnn" else _gpt2()
+    ts = _verified(model, loss, batch)
+    findings = indefiniteness_findings(model, loss, batch, ts, seed=1)
+    dense = {f.transformation: _Dense(model, loss, batch, f.params) for f in findings}
+    return request.param, {t.name: t for t in ts}, findings, dense
+
+
+def test_ritz_bound_is_the_2x2_eigenvalue_and_sharper_than_the_lambda_max_form():
+    gen = np.random.default_rng(0)
+    for _ in range(200):
+        b2, rho = 10.0 ** gen.uniform(-8, 2), gen.choice([-1, 1]) * 10.0 ** gen.uniform(-8, 4)
+        lo, hi = ritz_bound(b2, rho)
+        b = math.sqrt(b2)
+        ref = np.linalg.eigvalsh(np.array([[0.0, -b], [-b, rho]]))
+        # eigvalsh is backward stable: each eigenvalue within a few u·‖R‖ of the truth; ritz_bound's
+        # cancellation-free form is accurate to a few u relative, so compare in units of u·‖R‖
+        scale = max(abs(rho), b)
+        assert abs(lo - ref[0]) <= 8 * U * scale and abs(hi - ref[1]) <= 8 * U * scale, (b2, rho, lo, hi, ref)
+        assert lo < 0 < hi
+        # μ₋ = −b²/μ₊ and μ₊ ≤ λ_max: every λ_max ≥ μ₊ gives a weaker (larger) bound −b²/λ_max
+        assert lo <= -b2 / (hi * (1 + gen.uniform(0, 10))) * (1 - 4 * U)
+    assert ritz_bound(0.0, 2.0) == (0.0, 2.0)
+
+
+def test_matrix_free_extremes_agree_with_dense_eigh(case):
+    name, _, findings, dense = case
+    assert any(not f.control for f in findings) and any(f.control for f in findings), name
+    for f in findings:
+        D = dense[f.transformation]
+        assert f.converged, (name, f.transformation)
+        # a verified Lanczos pair: |λ̂ − λ| ≤ its eigenvalue bound, plus eigh's own rounding
+        assert abs(f.lambda_min - float(D.evals[0])) <= f.lambda_min_error + D.eig_rounding, \
+            (name, f.transformation, f.lambda_min, float(D.evals[0]))
+        assert abs(f.lambda_max - float(D.evals[-1])) <= f.lambda_max_error + D.eig_rounding, \
+            (name, f.transformation, f.lambda_max, float(D.evals[-1]))
+        # a Ritz value never lies below λ_min (up to rounding)
+        assert f.lambda_min >= float(D.evals[0]) - D.eig_rounding
+
+
+def test_predicted_bound_is_the_dense_rayleigh_ritz_value_and_the_dense_spectrum_obeys_it(case):
+    name, ts, findings, dense = case
+    preds = [f for f in findings if not f.control]
+    families = {f.family for f in preds}
+    assert families == ({"bn_scale"} if name == "digits_cnn" else {"ln_residual_scale"}), families
+    for f in preds:
+        D, t = dense[f.transformation], ts[f.transformation]
+        m = D.mask(t, f.generator)
+        th, g = m * D.theta, m * D.grad
+        assert float(th @ th) == pytest.approx(f.theta_sq, rel=8 * U) and float(g @ g) == pytest.approx(f.grad_sq, rel=8 * U)
+        # S is the generator with the largest ‖g_k‖²/‖θ_k‖² (the sharpest single block)
+        ratios = []
+        for k in projection_generators(t):
+            mk = D.mask(t, k)
+            if float((mk * D.theta).norm()) > 0:
+                ratios.append(float((mk * D.grad).pow(2).sum() / (mk * D.theta).pow(2).sum()))
+        assert f.grad_sq / f.theta_sq >= max(ratios) * (1 - 8 * U)
+        # the prediction uses the premise (θᵀHθ = 0, θᵀHg = −‖g‖²); the dense 2-D Rayleigh–Ritz value does
+        # not: their agreement within the row's tolerance is the premise (rows 2a/4a) at this θ
+        assert abs(D.ritz_2d(th, g) - f.bound) <= f.bound_rounding, (name, D.ritz_2d(th, g), f.bound)
+        assert f.bound < 0 and f.bound <= f.bound_lambda_max
+        assert float(D.evals[0]) <= f.bound + D.eig_rounding      # Courant–Fischer on the dense truth
+        assert f.verdict == "holds" and f.residual <= 0, (name, f.transformation, f.lambda_min, f.bound)
+        # it discriminates: the bound is not trivially loose, it sits inside the block's spectrum
+        assert float(D.evals[0]) < f.bound < float(D.evals[-1])
+
+
+def test_convex_head_control_is_violated_by_exactly_the_bound(case):
+    name, _, findings, dense = case
+    controls = [f for f in findings if f.control]
+    assert [f.family for f in controls] == ["softmax_translation"]
+    for f in controls:
+        D = dense[f.transformation]
+        # the head block is PSD with exact null vectors: dense λ_min = 0 to eigh's rounding
+        assert abs(float(D.evals[0])) <= D.eig_rounding, (name, float(D.evals[0]))
+        assert f.bound < -10 * f.tolerance  # a clearly negative prediction the head cannot meet
+        assert f.verdict == "violated"
+        # by the expected amount: λ_min − bound = |bound| (λ_min = 0), to the row's tolerance
+        assert abs(f.residual - abs(f.bound)) <= f.tolerance, (name, f.residual, f.bound, f.tolerance)
+
+
+def test_unconverged_lanczos_widens_the_tolerance_instead_of_faking_a_violation():
+    model, loss, batch = _cnn_trained()
+    t = next(t for t in _verified(model, loss, batch) if t.name == "bn_scale[conv1->bn1]")
+    full = block_indefiniteness(model, loss, batch, t, False, max_iter=40, seed=1)
+    short = block_indefiniteness(model, loss, batch, t, False, max_iter=3, seed=1)
+    assert full.converged and not short.converged
+    assert short.lambda_min_error == short.lambda_min_residual and short.tolerance >= short.lambda_min_residual
+    assert "NOT converged" in short.tolerance_reason
+    # three steps leave the Ritz value above the bound; the residual-widened tolerance keeps the verdict
+    assert short.lambda_min > short.bound and short.verdict == "holds"
+    assert short.bound == pytest.approx(full.bound, rel=1e-12)  # the bound does not depend on Lanczos
+
+
+def test_rows_fit_the_findings_schema_and_a_model_without_scale_invariance_has_none():
+    model, loss, batch = _cnn_trained(steps=0)
+    spec = SimpleNamespace(seed=0)
+    verified = _verified(model, loss, batch)
+    rows = indefinite_rows(spec, model, loss, batch, verified, {})
+    columns = set(TABLES["findings"].names)
+    assert rows and all(set(r) <= columns for r in rows)
+    assert {r["finding"] for r in rows} == {FINDING}
+    assert sorted((r["symmetry"], r["control"], r["verdict"]) for r in rows) == [
+        ("bn_scale", False, "holds"), ("bn_scale", False, "holds"), ("softmax_translation", True, "violated")]
+    assert all(r["hvps"] <= SETTINGS["indefinite_max_iter"] + 1 for r in rows)
+    # no scale-invariant family (LayerNorm eps = 1e-5 makes the residual scale only approximate): no rows,
+    # and no Lanczos spent on a lone control
+    m2, l2, b2 = hf_tiny.gpt2(n_layer=1, n_head=2, n_embd=8, vocab=7, seq=4, n=8, layer_norm_epsilon=1e-5)
+    m2 = m2.to(F64)
+    assert indefinite_rows(spec, m2, l2, b2, _verified(m2, l2, b2), {}) == []
+
+
+def test_a_batchnorm_epsilon_breaks_the_premise_linearly_and_a_large_one_violates_the_bound():
+    """The same block and generator with the BN eps raised (weights unchanged): the predicted Ritz matrix
+    [[0, -b], [-b, rho]] departs from the dense Rayleigh-Ritz matrix by O(eps) (first order in eps/Var), which
+    the slack of lambda_min below the bound absorbs at small eps (as a control it would be inconclusive:
+    why the convex head is the row's control); at eps = 1 the block is nearly linear and the bound fails."""
+    model, loss, batch = _cnn_trained()
+    t = next(t for t in _verified(model, loss, batch) if t.name == "bn_scale[conv2->bn2]")
+    dev, verdicts = {}, {}
+    for eps in (1e-6, 1e-3, 1.0):
+        model.bn1.eps = model.bn2.eps = eps
+        f = block_indefiniteness(model, loss, batch, t, False, seed=1)
+        D = _Dense(model, loss, batch, f.params)
+        m = D.mask(t, f.generator)
+        dev[eps] = D.ritz_2d(m * D.theta, m * D.grad) - f.bound
+        verdicts[eps] = f.verdict
+        assert abs(dev[eps]) > 1e3 * f.bound_rounding  # far above rounding: the premise is measurably broken
+    assert 0.8e3 <= dev[1e-3] / dev[1e-6] <= 1.25e3, dev  # linear in eps
+    assert verdicts == {1e-6: "holds", 1e-3: "holds", 1.0: "violated"}, verdicts
