@@ -205,3 +205,13 @@ def test_a_batchnorm_epsilon_breaks_the_premise_linearly_and_a_large_one_violate
         assert abs(dev[eps]) > 1e3 * f.bound_rounding  # far above rounding: the premise is measurably broken
     assert 0.8e3 <= dev[1e-3] / dev[1e-6] <= 1.25e3, dev  # linear in eps
     assert verdicts == {1e-6: "holds", 1e-3: "holds", 1.0: "violated"}, verdicts
+
+
+def test_max_blocks_keeps_the_most_stringent_families():
+    model, loss, batch = _cnn_trained()
+    ts = _verified(model, loss, batch)
+    every = [f for f in indefiniteness_findings(model, loss, batch, ts, seed=1) if not f.control]
+    kept = [f for f in indefiniteness_findings(model, loss, batch, ts, seed=1, max_blocks=1) if not f.control]
+    assert len(every) == 2 and len(kept) == 1
+    best = max(every, key=lambda f: f.grad_sq / f.theta_sq)
+    assert kept[0].transformation == best.transformation

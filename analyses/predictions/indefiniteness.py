@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eqlab.analyses.curvature.functional import loss_function, named_params, value_and_grad
 from eqlab.analyses.curvature.lanczos import lanczos
 from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.identities import PASSES, rounding_model, unit_roundoff
@@ -151,8 +152,8 @@ def block_indefiniteness(model, loss, batch, t, control: bool, max_iter: int = 4
     best, best_ratio = None, -1.0
     for k, m in enumerate(masks):
         th2 = float((m * theta).pow(2).sum())
-        if th2 == 0.0:
-            continue
+        if th2 == 0.0 or not bool(((m == 0) | (m == 1)).all()):
+            continue  # no block there, or overlapping terms: not a projection, Hθ_S = −g_S is not implied
         ratio = float((m * grad).pow(2).sum()) / th2
         if ratio > best_ratio:
             best, best_ratio = k, ratio
@@ -197,13 +198,34 @@ def block_indefiniteness(model, loss, batch, t, control: bool, max_iter: int = 4
                                lmin, rmin, err, lmax, err_max, ok, bound, bound_lmax, tolerance, bound_rounding, hvps, "float64", reason)
 
 
+def sharpest_ratio(t, theta: dict, grad: dict) -> float:
+    """max_k ‖P_kg‖²/‖P_kθ‖² over t's projection generators (0 when every θ_k = 0): the b² of its row."""
+    best = 0.0
+    for k in projection_generators(t):
+        D = t.field(theta, torch.eye(t.n_generators, dtype=torch.float64)[k])
+        th2 = sum(float((D[n] * theta[n]).pow(2).sum()) for n in D)
+        if th2 > 0:
+            best = max(best, sum(float((D[n] * grad[n]).pow(2).sum()) for n in D) / th2)
+    return best
+
+
 def indefiniteness_findings(model, loss, batch, transformations, max_iter: int = 40, tol: float = 1e-3,
-                            seed: int = 0) -> list[BlockIndefiniteness]:
+                            seed: int = 0, max_blocks: int | None = None) -> list[BlockIndefiniteness]:
     """One prediction per verified scale-invariant family (projection generators), one control per
-    classifier head (a verified softmax translation); none of either when the model has no prediction."""
+    classifier head (a verified softmax translation); none of either when the model has no prediction.
+    ``max_blocks``: at most this many predictions (a deep BN ResNet has dozens of families at ~25 HVPs
+    each), the families with the largest b² = max_k ‖g_k‖²/‖θ_k‖², i.e. the most stringent bounds."""
     preds = [t for t in transformations if isinstance(t, Continuous) and projection_generators(t)]
     if not preds:
         return []
+    if max_blocks is not None and len(preds) > max_blocks:
+        theta = named_params(model)
+        _, grad = value_and_grad(loss_function(model, loss, batch), theta)
+        theta = {n: x.double() for n, x in theta.items()}
+        grad = {n: x.double() for n, x in grad.items()}
+        ranked = sorted(preds, key=lambda t: -sharpest_ratio(t, theta, grad))
+        keep = {t.name for t in ranked[:max_blocks]}
+        preds = [t for t in preds if t.name in keep]
     heads = [t for t in transformations if isinstance(t, TranslationFamily) and t.family == CONTROL_FAMILY]
     rd = rounding_model(model, loss, batch, seed)
     out = []
