@@ -2,6 +2,7 @@
 block and the Ritz bound against dense float64 eigh on a BatchNorm CNN (after some SGD) and a pre-LN GPT-2;
 the convex-head negative control violated by exactly |bound|; an unconverged Lanczos widening the
 tolerance instead of faking a verdict; the pipeline rows fitting the findings schema."""
+import functools
 import math
 from types import SimpleNamespace
 
@@ -22,11 +23,12 @@ from eqlab.pipeline.schema import TABLES
 F64 = torch.float64
 U = unit_roundoff(F64)
 torch.set_num_threads(1)
+CNN = {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20}
 
 
-def _cnn_trained(steps=20):
-    """BN CNN (eps 1e-20: the exact-symmetry limit) after a few SGD steps, so g is a mid-training one."""
-    task = build_task("digits_cnn", {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20}, dtype=F64)
+@functools.lru_cache(maxsize=None)
+def _cnn_state(steps):
+    task = build_task("digits_cnn", CNN, dtype=F64)
     model, loss = task.model, task.loss
     model.train()
     X, y = task.train
@@ -37,7 +39,17 @@ def _cnn_trained(steps=20):
         opt.zero_grad()
         loss(model(X[i]), y[i]).backward()
         opt.step()
-    return model, loss, (X[:32], y[:32])
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _cnn_trained(steps=20):
+    """BN CNN (eps 1e-20: the exact-symmetry limit) after a few SGD steps, so g is a mid-training one
+    (a fresh model each call: tests change its eps)."""
+    task = build_task("digits_cnn", CNN, dtype=F64)
+    task.model.load_state_dict(_cnn_state(steps))
+    task.model.train()
+    X, y = task.train
+    return task.model, task.loss, (X[:32], y[:32])
 
 
 def _gpt2():
