@@ -1,11 +1,10 @@
 """Indefiniteness of normalised networks (catalog rows 16, 15, 2a, 3a, 4a), matrix-free.
 
 README text: *A scale-invariant block S (a filter feeding BatchNorm, a Linear feeding LayerNorm, the
-pre-LN residual stream) has Hθ_S = −g_S, so its Hessian block cannot be positive semidefinite while
-g_S ≠ 0: λ_min ≤ −‖g_S‖²/(μ₊‖θ_S‖²) < 0, with μ₊ ≤ λ_max the top Ritz value of H on span{θ_S, g_S}. We
-measure λ_min and λ_max of the block's own Hessian by Lanczos (residual-aware), ‖g_S‖, ‖θ_S‖ and
-g_SᵀHg_S by one HVP, and check the bound at every checkpoint against the convex classifier head, which
-must violate it by exactly |bound|.*
+pre-LN residual stream) has Hθ_S = −g_S, so its own Hessian block is indefinite whenever g_S ≠ 0, with
+λ_min ≤ −‖g_S‖²/(μ₊‖θ_S‖²), μ₊ ≤ λ_max the top Ritz value of H on span{θ_S, g_S}. At every checkpoint we
+measure λ_min and λ_max of each such block by residual-aware Lanczos and g_SᵀHg_S by one HVP and check
+the bound, next to the convex classifier head, which must violate it by exactly |bound|.*
 
 The bound, derived. Let S be one generator of a verified scale family whose generator is a 0/1 projection
 (ξ = P_Sθ, no Ψ), and P ⊇ S the family's parameters. Row 2a/3a/4a gives Hθ_S = −g_S, and the first-order
