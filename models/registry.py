@@ -3,10 +3,17 @@
 Importing this module does not import torch or transformers: each family names its builders by module
 path (imported on first use) and declares its options as plain-Python checks, so a study file can be
 validated — option names *and* values, and the parameter count — before any heavy import.
+
+A family may also be a user's own ``"path/to/file.py:FUNC"`` (`is_user_family`): it is built by
+`eqlab.pipeline.userfunc.load_family` under the one contract `eqlab inspect` holds a user's model to,
+and its options can only be checked by calling FUNC, so `validate_options` builds it (once per file
+content and options in a process). ``family`` is then the file's resolved path; `pipeline/study.py`
+resolves it relative to the study file.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -176,8 +183,43 @@ from eqlab.models.zoo_families import ZOO  # noqa: E402  (needs Family and Optio
 FAMILIES.update(ZOO)
 
 
+def is_user_family(family: str) -> bool:
+    """A user's ``FILE.py:FUNC`` rather than a registered family's name."""
+    from eqlab.pipeline.userfunc import _is_func_ref  # torch-free
+
+    return _is_func_ref(family)
+
+
+def _options_key(family: str, options: dict | None) -> tuple[str, str]:
+    return family, json.dumps(options or {}, sort_keys=True)
+
+
+# A user family's declared symmetries by (family, options), left by `build_task` in this process so that
+# `expected_symmetries` (the identity stage calls it right after building the task) does not build twice.
+_USER_DECLARED: dict[tuple[str, str], dict[str, str]] = {}
+# Trainable parameter counts of user families already checked in this process, by (family, digest, options).
+_USER_COUNTS: dict[tuple[str, str, str], int] = {}
+
+
+def _load_user(family: str, options: dict | None, seed: int, full_check: bool, label: str | None = None) -> dict:
+    from pathlib import Path
+
+    from eqlab.pipeline.userfunc import load_family
+
+    path, func = family.rsplit(":", 1)
+    d = load_family(Path(path), func, dict(options or {}), seed, label or family, full_check=full_check)
+    _USER_DECLARED[_options_key(family, options)] = dict(d.get("symmetries", {}))
+    return d
+
+
 def expected_symmetries(family: str, options: dict | None = None) -> dict[str, str]:
-    """{transformation family: why} that the family must carry with these options ({} if none declared)."""
+    """{transformation family: why} that the family must carry with these options ({} if none declared).
+    A user family declares them in FUNC's ``symmetries`` (none: nothing is expected, all is discovered)."""
+    if is_user_family(family):
+        key = _options_key(family, options)
+        if key not in _USER_DECLARED:
+            _load_user(family, options, 0, full_check=False)
+        return dict(_USER_DECLARED[key])
     fam = FAMILIES[family]
     return fam.symmetries({**fam.defaults, **(options or {})}) if fam.symmetries else {}
 
@@ -198,6 +240,33 @@ def missing_symmetries(family: str, options: dict | None, found) -> list[str]:
     return out
 
 
+def user_family_parameters(family: str, options: dict, seed: int = 0, label: str | None = None) -> int:
+    """Build a user family once (the full contract, forward pass included) and count its trainable
+    parameters; an option FUNC does not take is an `OptionError` naming it. Cached by the file's content.
+    ``label``: how messages name the family (the study's ``FILE.py:FUNC`` as written)."""
+    from pathlib import Path
+
+    from eqlab.pipeline.hashing import file_digest
+    from eqlab.pipeline.userfunc import OptionNotAccepted, UserModelError
+
+    path = Path(family.rsplit(":", 1)[0])
+    try:
+        digest = file_digest(path) if path.is_file() else ""
+    except OSError:
+        digest = ""  # load_family names the problem
+    key = (family, digest, json.dumps(options, sort_keys=True))
+    if key not in _USER_COUNTS or not digest:
+        try:
+            d = _load_user(family, options, seed, full_check=True, label=label)
+        except OptionNotAccepted as e:
+            raise OptionError(e.key, str(e)) from None
+        n = sum(p.numel() for p in d["model"].parameters() if p.requires_grad)
+        if n > MAX_PARAMS:
+            raise UserModelError(f"{label or family}: the model has {n:,} parameters, more than eqlab's limit of {MAX_PARAMS:,}")
+        _USER_COUNTS[key] = n
+    return _USER_COUNTS[key]
+
+
 def model_options(family: str) -> set[str]:
     """The keyword options a family's model builder accepts (used to validate study files)."""
     return set(FAMILIES[family].options)
@@ -205,7 +274,10 @@ def model_options(family: str) -> set[str]:
 
 def validate_options(family: str, options: dict) -> int:
     """Check every option's name and value; returns the model's trainable parameter count.
-    Raises `OptionError` naming the first bad option. Plain Python: nothing is built or imported."""
+    Raises `OptionError` naming the first bad option. Plain Python: nothing is built or imported, except
+    for a user family (`user_family_parameters`: FUNC is the only judge of its options)."""
+    if is_user_family(family):
+        return user_family_parameters(family, options)
     fam = FAMILIES[family]
     for key in sorted(options):
         if key not in fam.options:
@@ -224,12 +296,26 @@ def validate_options(family: str, options: dict) -> int:
     return n
 
 
+def _user_task(family: str, options: dict | None, seed: int, dtype) -> Task:
+    """A user family's Task: FUNC's model and loss, its ``batch`` as the training set and ``test`` (or,
+    without one, the batch again) as the test set, floating tensors cast to ``dtype`` like a registered
+    family's data. The structure is checked, not the forward pass: the driver ran that on loading the study."""
+    d = _load_user(family, options, seed, full_check=False)
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # integer inputs and class targets stay
+    pair = lambda p: (cast(p[0]), cast(p[1]))
+    train = pair(d["batch"])
+    test = pair(d["test"]) if "test" in d else train
+    return Task(family, d["model"].to(dtype), d["loss"], train, test)
+
+
 def build_task(family: str, options: dict | None = None, seed: int = 0, dtype=None) -> Task:
     import torch
 
+    dtype = torch.float32 if dtype is None else dtype
+    if is_user_family(family):
+        return _user_task(family, options, seed, dtype)
     if family not in FAMILIES:
         raise KeyError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
-    dtype = torch.float32 if dtype is None else dtype
     fam, options = FAMILIES[family], dict(options or {})
     torch.manual_seed(seed)
     model = fam.build_model(**options).to(dtype)

@@ -24,10 +24,10 @@ Three findings (`analyses.predictions.block_anisotropy`):
   points in the fit, ``statistic_std`` its standard error, ``tolerance`` the 95% half-width.
 
 Cost per checkpoint: Σ over blocks of one Lanczos (≈ 6–12 products at tol 1e-2 with its verification block)
-plus one product for ρ, plus ≈ 1 + 1 + 2 products per moved block (c = 2, balanced, control). Measured on the
-default study's models (64 examples, 3 unit groups, 1 moved group per family): about 290 products on the
-digits CNN (24 blocks over 5 families) and 330 on the 1-layer GPT-2 (ReLU MLP, Q/K, V/O; ``families``
-narrows it).
+plus one product for ρ, plus ≈ 1 + 1 + 2 products per moved block (c = 2, balanced, control). Measured at
+step 0 of the default study's models (64 examples, 3 unit groups, 1 moved group per family): 287 products
+(5.4 s on 2 busy cores) on the digits CNN (24 blocks over 5 families) and 136 (0.7 s) on the 1-layer GPT-2
+(14 blocks: ReLU MLP groups, Q/K and V/O per head). ``block_families`` and ``unit_groups`` narrow it.
 """
 from __future__ import annotations
 

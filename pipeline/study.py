@@ -45,6 +45,22 @@ class RunSpec:
     checkpoint_steps: tuple[int, ...]
     train_workers: int
     seed: int
+    # sha256 of a user family's file ("path/to/file.py:FUNC"; ``family`` is then its resolved path), taken
+    # when the study is loaded; "" for a registered family
+    family_digest: str = ""
+
+    def hash_identity(self) -> dict:
+        """What determines the run's results (`pipeline/hashing.py`): its fields, with a user family named
+        by its file's name, function and content digest rather than by where the file lies (a study moved,
+        or unpacked by Ray Jobs in another folder, is the same study; an edited file is not). A registered
+        family's identity is exactly its fields as before user families existed, so its keys stay valid."""
+        d = asdict(self)
+        if not self.family_digest:
+            del d["family_digest"]
+        else:
+            path, func = self.family.rsplit(":", 1)
+            d["family"] = f"{Path(path).name}:{func}"
+        return d
 
 
 from eqlab.analyses.curvature.defaults import TABLE as _CURVATURE_TABLE  # noqa: E402  (torch-free)
@@ -77,6 +93,53 @@ class IdentitiesSpec:
     probes: int = 2
 
 
+FINDINGS_SIZES = ("examples", "probes", "top_k", "max_iter")  # [findings] keys every finding's settings share
+
+
+@dataclass(frozen=True)
+class FindingsSpec:
+    """The ``[findings]`` section: the findings stage's sizes and which findings it runs.
+
+    A size left unset (None) is each finding's own default (its module's ``SETTINGS``, over the stage's
+    `findings_stage.DEFAULTS`); one set here applies to every finding. ``include`` names findings of the
+    registry (`pipeline/findings_stage.py`); None runs all registered. Checked on construction: a bad
+    value raises `StudyError` naming ``findings.<field>``."""
+    examples: int | None = None   # training examples of the findings batch (its first ones)
+    probes: int | None = None     # random generator directions per symmetry family
+    top_k: int | None = None      # top Hessian eigenpairs the alignment finding tests
+    max_iter: int | None = None   # Lanczos steps (HVPs) for those eigenpairs
+    include: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        lows = {"examples": 2, "probes": 1, "top_k": 1, "max_iter": 2}
+        for key, low in lows.items():
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise StudyError(f"findings.{key}: expected an integer, got {v!r}")
+            if not low <= v <= 10**7:
+                raise StudyError(f"findings.{key}: must be in [{low}, 10000000] (got {v})")
+        if self.top_k is not None and self.max_iter is not None and self.max_iter < self.top_k:
+            raise StudyError(f"findings.max_iter: must be >= findings.top_k = {self.top_k} (got {self.max_iter})")
+        if self.include is None:
+            return
+        if not isinstance(self.include, tuple) or not self.include:
+            raise StudyError("findings.include: expected a non-empty list of finding names (leave it out to run all)")
+        from eqlab.pipeline.findings_stage import FINDINGS  # the registry (imports torch): only when named
+
+        for j, name in enumerate(self.include):
+            if not isinstance(name, str) or name not in FINDINGS:
+                raise StudyError(f"findings.include[{j}]: {name!r} is not a registered finding (registered: "
+                                 f"{', '.join(FINDINGS)})")
+            if self.include.index(name) != j:
+                raise StudyError(f"findings.include[{j}]: {name!r} is listed twice")
+
+    def sizes(self) -> dict:
+        """The sizes this study sets (the rest are each finding's defaults)."""
+        return {k: getattr(self, k) for k in FINDINGS_SIZES if getattr(self, k) is not None}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How the study's runs share the cluster (`pipeline/budget.py`); it changes when rows are computed,
@@ -95,10 +158,17 @@ class Study:
     identities: IdentitiesSpec = field(default_factory=IdentitiesSpec)
     source: str = ""
     schedule: Schedule = field(default_factory=Schedule)
+    findings: FindingsSpec = field(default_factory=FindingsSpec)
 
     @property
     def hash(self) -> str:
+        """The study's provenance hash (written beside every row): runs by their `RunSpec.hash_identity`,
+        without the schedule, and without ``findings`` while it is the default (studies from before the
+        section existed keep their hash)."""
         what = {k: v for k, v in asdict(self).items() if k != "schedule"}
+        what["runs"] = [r.hash_identity() for r in self.runs]
+        if self.findings == FindingsSpec():
+            del what["findings"]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -170,18 +240,67 @@ class _Fields:
             raise StudyError(f"{self._name(extra[0])}: unknown field")
 
 
-def _run(table, i: int, seed: int, n_params: dict | None = None, where: str | None = None) -> RunSpec:
+def _user_family(ref: str, base: Path, where: str) -> tuple[str, str]:
+    """("resolved/path/file.py:FUNC", sha256 of the file) for a study's ``family = "file.py:FUNC"``; the
+    path is relative to the study file's folder (``base``)."""
+    from eqlab.pipeline.hashing import file_digest
+
+    path, func = ref.rsplit(":", 1)
+    if not func.isidentifier():
+        raise StudyError(f"{where}.family: {ref}: {func!r} is not a function name (expected FILE.py:FUNC)")
+    resolved = (base / path).resolve()
+    if not resolved.is_file():
+        raise StudyError(f"{where}.family: {ref}: {'not a file' if resolved.exists() else 'no such file'} "
+                         f"({resolved}; a relative path is taken from the study file's folder)")
+    try:
+        digest = file_digest(resolved)
+    except OSError as e:
+        raise StudyError(f"{where}.family: {ref}: cannot read ({e.strerror or type(e).__name__})") from None
+    return f"{resolved}:{func}", digest
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _run(table, i: int, seed: int, n_params: dict | None = None, where: str | None = None,
+         base: Path | None = None) -> RunSpec:
+    from eqlab.models.registry import is_user_family, user_family_parameters
+
     where = where or f"runs[{i}]"
     f = _Fields(table, where)
     name = f.name("name", required=True)
-    family = f.str("family", required=True, choices=tuple(FAMILIES))
+    family = written = f.str("family", required=True)
+    digest = ""
+    if is_user_family(family):
+        family, digest = _user_family(family, base or Path.cwd(), where)
+    elif family not in FAMILIES:
+        raise StudyError(f"{where}.family: must be one of {', '.join(FAMILIES)} or a user's \"FILE.py:FUNC\" "
+                         f"(got {family!r})")
     model = f._get("model", {}, False)
     if not isinstance(model, dict):
         raise StudyError(f"{where}.model: expected a table of model options")
+    if digest:  # FUNC's keywords: any TOML value that JSON can carry into the hash (not a date)
+        try:
+            json.dumps(model)
+        except (TypeError, ValueError):
+            bad = next(k for k, v in model.items() if not _jsonable(v))
+            raise StudyError(f"{where}.model.{bad}: {model[bad]!r} cannot be a model option (dates and times "
+                             "are not)") from None
+    from eqlab.pipeline.userfunc import UserModelError
+
     try:
-        count = validate_options(family, model)  # names and values, plain Python (no torch)
+        # names and values, plain Python; a user family's options only FUNC can judge: built once, here
+        count = (user_family_parameters(family, model, seed, written)
+                 if digest else validate_options(family, model))
     except OptionError as e:
         raise StudyError(f"{where}.model{'.' + e.key if e.key else ''}: {e}") from None
+    except UserModelError as e:
+        raise StudyError(f"{where}.family: {e}") from None
     if n_params is not None:
         n_params[i] = count
     steps = f.int("steps", required=True, minimum=1, maximum=MAX_STEPS)
@@ -208,6 +327,7 @@ def _run(table, i: int, seed: int, n_params: dict | None = None, where: str | No
         steps=steps, checkpoint_steps=ckpts,
         train_workers=f.int("train_workers", 1, minimum=1, maximum=256),
         seed=f.int("seed", seed, minimum=0, maximum=SEED_LIMIT - 1),
+        family_digest=digest,
     )
     f.done()
     if spec.train_workers > spec.batch_size:
@@ -283,7 +403,21 @@ def expand_grid(grid) -> list[tuple[str, dict]]:
     return out
 
 
-def parse_study(data: dict, source: str = "") -> Study:
+def _findings(table) -> FindingsSpec:
+    """The ``[findings]`` section (see `FindingsSpec`)."""
+    fs = _Fields(table, "findings")
+    sizes = {k: fs.int(k, None) for k in FINDINGS_SIZES if k in fs.table}
+    include = fs._get("include", None, False)
+    if include is not None and not isinstance(include, list):
+        raise StudyError(f"findings.include: expected a list of finding names, got {include!r}")
+    fs.done()
+    return FindingsSpec(**sizes, include=None if include is None else tuple(include))
+
+
+def parse_study(data: dict, source: str = "", base: str | Path | None = None) -> Study:
+    """``base``: the folder a user family's relative ``FILE.py`` is taken from (the study file's; default
+    the current directory)."""
+    base = Path(base) if base is not None else Path.cwd()
     top = _Fields(data, "")
     s = _Fields(top._get("study", {}, False), "study")
     name = s.name("name", "study")
@@ -337,7 +471,7 @@ def parse_study(data: dict, source: str = "") -> Study:
         raise StudyError("runs: expected at least one [[runs]] table (or a [grid] of runs)")
     tables = [(f"runs[{i}]", t) for i, t in enumerate(runs_data)] + (expand_grid(grid) if grid is not None else [])
     n_params: dict[int, int] = {}
-    runs = tuple(_run(t, i, seed, n_params, where) for i, (where, t) in enumerate(tables))
+    runs = tuple(_run(t, i, seed, n_params, where, base) for i, (where, t) in enumerate(tables))
     names = [r.run_id for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -346,10 +480,11 @@ def parse_study(data: dict, source: str = "") -> Study:
         if spectra.top_k > n_params[i]:
             raise StudyError(f"spectra.top_k: must be <= the parameter count of every run (got {spectra.top_k}; "
                              f"{tables[i][0]} {r.run_id!r} has {n_params[i]} parameters)")
+    findings = _findings(top._get("findings", {}, False))
     top.done()
     schedule = Schedule(concurrent_runs=min(concurrent, len(runs)), analyse_while_training=overlap)
     return Study(name=name, seed=seed, num_cpus=num_cpus, runs=runs, spectra=spectra,
-                 identities=identities, source=source, schedule=schedule)
+                 identities=identities, source=source, schedule=schedule, findings=findings)
 
 
 def load_study(path: str | Path | None = None) -> Study:
@@ -372,7 +507,7 @@ def load_study(path: str | Path | None = None) -> Study:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{source}: not valid TOML ({e})") from None
-    return parse_study(data, source)
+    return parse_study(data, source, base=Path(path).resolve().parent if path is not None else None)
 
 
 def plan(study: Study) -> list[dict]:
@@ -384,13 +519,25 @@ def plan(study: Study) -> list[dict]:
     for r in study.runs:
         n_ckpt = len(r.checkpoint_steps)
         density = sp.density_probes * sp.density_steps
-        out.append({"run": r.run_id, "family": r.family, "optimizer": r.optimizer, "lr": r.lr,
+        out.append({"run": r.run_id, "family": shown_family(r), "optimizer": r.optimizer, "lr": r.lr,
                      "weight_decay": r.weight_decay, "seed": r.seed,
                      "parameters": validate_options(r.family, r.model), "steps": r.steps,
                      "examples_trained": r.steps * r.batch_size, "checkpoints": n_ckpt,
                      "checkpoint_steps": list(r.checkpoint_steps), "train_workers": r.train_workers,
                      "hvps_planned_max": n_ckpt * (sp.max_iter + density)})
     return out
+
+
+def shown_family(run: RunSpec) -> str:
+    """A run's family as a user reads it: a user family's path relative to the current folder when it
+    lies below it (the resolved path otherwise)."""
+    if not run.family_digest:
+        return run.family
+    path, func = run.family.rsplit(":", 1)
+    try:
+        return f"{Path(path).relative_to(Path.cwd())}:{func}"
+    except ValueError:
+        return run.family
 
 
 def local_cpus() -> int:

@@ -11,7 +11,15 @@ targets a tensor with at least one example; ``model(inputs)`` returns a tensor o
 ``ModelOutput``; ``loss(outputs, targets)`` returns a finite scalar tensor that depends on the
 parameters. The batch is used as given; only to split it across ``--workers N`` (or to take the first
 ``--examples`` for `eqlab inspect`) are inputs and targets cut along their first dimension together,
-which they must then share.
+which they must then share. Two keys are optional: ``test``, held-out ``(inputs, targets)`` of the same
+form, and ``symmetries``, ``{transformation family: why}`` that the model must carry (as
+`models/symmetry_decls.py` declares them for the registered families). No other key is accepted.
+
+`eqlab inspect` and `eqlab spectrum` call ``FUNC()``. A study's run (``family = "FILE.py:FUNC"``, see
+`load_family`) calls ``FUNC(**model, seed=seed)`` — the run's model options as keywords, and its seed
+where FUNC has a ``seed`` parameter (or ``**kwargs``) — after ``torch.manual_seed(seed)``; there the
+batch is the training set (minibatches are drawn from it), so inputs must be one tensor sharing its
+first dimension with the targets (`check_trainable`).
 
 torch is imported only when a model is loaded, never at import of this module.
 """
@@ -61,8 +69,8 @@ def _exec_module(path: Path, label: str):
     return module
 
 
-def _load_func(path: Path, func: str, label: str | None = None) -> dict:
-    label = label or f"{path}:{func}"
+def _load_module_func(path: Path, func: str, label: str):
+    """The user's function ``func`` of the file at ``path`` (the file is executed afresh)."""
     file_label = label.rsplit(":", 1)[0]
     if not path.exists():
         raise UserModelError(f"{file_label}: no such file")
@@ -71,12 +79,101 @@ def _load_func(path: Path, func: str, label: str | None = None) -> dict:
     module = _exec_module(path, file_label)
     if not callable(getattr(module, func, None)):
         raise UserModelError(f"{file_label}: has no function {func!r}")
+    return getattr(module, func)
+
+
+def _load_func(path: Path, func: str, label: str | None = None) -> dict:
+    """``FUNC()``: the form `eqlab inspect` and `eqlab spectrum` call."""
+    label = label or f"{path}:{func}"
+    fn = _load_module_func(path, func, label)
     try:
-        out = getattr(module, func)()
+        out = fn()
     except (Exception, SystemExit) as e:
         raise UserModelError(f"{label}: raised {_why(e)}") from None
     check_contract(out, label)
     return out
+
+
+class OptionNotAccepted(UserModelError):
+    """A study's model option that FUNC's signature does not take (``key`` names it; "" for a missing one)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def takes_seed(fn) -> bool:
+    """Whether FUNC has a ``seed`` parameter (or ``**kwargs``): a study passes the run's seed only then."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == "seed" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in params)
+
+
+def check_signature(fn, options: dict, label: str) -> None:
+    """Raise `OptionNotAccepted` unless ``FUNC(**options[, seed=])`` binds: every option a keyword FUNC
+    takes, every parameter without a default given (by the options, or ``seed``)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable without a signature: the call itself will say
+    params = sig.parameters
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    keywords = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in sorted(options):
+        if key == "seed":
+            raise OptionNotAccepted(key, f"{label}: 'seed' is the run's seed field, not a model option")
+        if key not in keywords and not var_kw:
+            raise OptionNotAccepted(key, f"{label}: takes no option {key!r} (its keyword parameters: "
+                                         f"{', '.join(sorted(keywords)) or 'none'})")
+    given = set(options) | ({"seed"} if takes_seed(fn) else set())
+    for n, p in params.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty or n in given:
+            continue
+        if p.kind == p.POSITIONAL_ONLY:
+            raise OptionNotAccepted("", f"{label}: parameter {n!r} is positional-only; a study passes options "
+                                        "as keywords")
+        raise OptionNotAccepted(n, f"{label}: needs option {n!r} (no default); set it in the run's model table")
+
+
+def load_family(path: Path, func: str, options: dict, seed: int, label: str, full_check: bool = True) -> dict:
+    """``FUNC(**options, seed=seed)`` (seed only where FUNC takes it) after ``torch.manual_seed(seed)``,
+    held to the contract and to `check_trainable`: a study's run of a user family. ``full_check=False``
+    skips the forward pass of `check_contract` (a worker rebuilding what the driver checked)."""
+    import torch
+
+    fn = _load_module_func(path, func, label)
+    check_signature(fn, options, label)
+    kwargs = {**options, **({"seed": seed} if takes_seed(fn) else {})}
+    torch.manual_seed(seed)
+    try:
+        out = fn(**kwargs)
+    except (Exception, SystemExit) as e:
+        raise UserModelError(f"{label}: raised {_why(e)}") from None
+    if full_check:
+        check_contract(out, label)
+    else:
+        check_structure(out, label)
+    check_trainable(out, label)
+    return out
+
+
+def check_trainable(out: dict, label: str) -> None:
+    """What training and the study's stages add to the contract: they draw minibatches by indexing the
+    inputs (``X[idx]``), so inputs are one tensor sharing its first dimension with the targets."""
+    for key in ("batch", "test"):
+        if key not in out:
+            continue
+        X, y = out[key]
+        if not hasattr(X, "shape") or isinstance(X, dict):
+            raise UserModelError(f"{label}: in a study, {key!r} inputs must be one tensor (minibatches are drawn "
+                                 f"by indexing it), got {type(X).__name__}")
+        if not shares_leading_dim((X, y)):
+            raise UserModelError(f"{label}: in a study, {key!r} inputs {_shape(X)} and targets {_shape(y)} must "
+                                 "share their first (example) dimension")
 
 
 def _leading(t) -> int | None:
@@ -109,9 +206,52 @@ def _shape(t) -> str:
     return str(tuple(int(s) for s in t.shape))
 
 
+REQUIRED_KEYS = ("model", "batch", "loss")
+OPTIONAL_KEYS = ("test", "symmetries")
+
+
 def check_contract(out, label: str) -> None:
     """Raise `UserModelError` unless ``out`` is a usable ``{"model", "batch", "loss"}`` (see module doc).
     Runs the model and the loss once on the batch (buffers such as BN statistics are restored)."""
+    model, X, y, loss = check_structure(out, label)
+    _check_forward(model, X, y, loss, label)
+    if "test" in out:  # the checkpoints' test_loss is measured on it
+        _check_forward(model, *out["test"], loss, label, what="'test' data")
+
+
+def _check_pair(pair, label: str, key: str):
+    """``(inputs, targets)`` of the ``batch`` or ``test`` entry; returns them."""
+    import torch
+
+    word = "batch" if key == "batch" else repr(key)
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise UserModelError(f"{label}: {key!r} must be a tuple (inputs, targets), got "
+                             f"{type(pair).__name__}{' of length ' + str(len(pair)) if isinstance(pair, (tuple, list)) else ''}")
+    X, y = pair
+    if isinstance(X, dict):
+        if not X or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in X.items()):
+            raise UserModelError(f"{label}: {word} inputs as a dict must map names to tensors (model(**inputs))")
+    elif not torch.is_tensor(X):
+        raise UserModelError(f"{label}: {word} inputs are {type(X).__name__}; expected a tensor or a dict of tensors")
+    if not torch.is_tensor(y):
+        raise UserModelError(f"{label}: {word} targets are {type(y).__name__}; expected a tensor")
+    if y.dim() == 0:
+        raise UserModelError(f"{label}: {word} targets are a 0-d tensor; they need a first (example) dimension")
+    if y.shape[0] == 0 or any(t.numel() == 0 for t in input_tensors(X)):
+        raise UserModelError(f"{label}: the {word} is empty (targets {_shape(y)}, inputs "
+                             f"{', '.join(_shape(t) for t in input_tensors(X))})")
+    return X, y
+
+
+def _check_symmetries(decl, label: str) -> None:
+    if not isinstance(decl, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v.strip()
+                                             for k, v in decl.items()):
+        raise UserModelError(f"{label}: 'symmetries' must map transformation family names (as eqlab inspect "
+                             "reports them, e.g. 'relu_rescale') to why each is expected, both strings")
+
+
+def check_structure(out, label: str):
+    """The contract's checks that need no forward pass; returns (model, inputs, targets, loss)."""
     import torch
 
     if not isinstance(out, dict):
@@ -121,6 +261,10 @@ def check_contract(out, label: str) -> None:
     if missing:
         raise UserModelError(f"{label}: the returned dict has no {', '.join(repr(k) for k in missing)} "
                              f"(got keys {', '.join(repr(k) for k in out) or 'none'}; needs 'model', 'batch', 'loss')")
+    unknown = [k for k in out if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
+    if unknown:
+        raise UserModelError(f"{label}: the returned dict has an unknown key {unknown[0]!r} (keys: 'model', "
+                             "'batch', 'loss'; optional: 'test', 'symmetries')")
     model, batch, loss = out["model"], out["batch"], out["loss"]
     if not isinstance(model, torch.nn.Module):
         raise UserModelError(f"{label}: 'model' is {type(model).__name__}, not a torch.nn.Module")
@@ -134,24 +278,19 @@ def check_contract(out, label: str) -> None:
     if not any(p.requires_grad for _, p in params):
         raise UserModelError(f"{label}: the model has no trainable parameters (all {len(params)} have "
                              "requires_grad=False)")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise UserModelError(f"{label}: 'batch' must be a tuple (inputs, targets), got "
-                             f"{type(batch).__name__}{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}")
-    X, y = batch
-    if isinstance(X, dict):
-        if not X or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in X.items()):
-            raise UserModelError(f"{label}: batch inputs as a dict must map names to tensors (model(**inputs))")
-    elif not torch.is_tensor(X):
-        raise UserModelError(f"{label}: batch inputs are {type(X).__name__}; expected a tensor or a dict of tensors")
-    if not torch.is_tensor(y):
-        raise UserModelError(f"{label}: batch targets are {type(y).__name__}; expected a tensor")
-    if y.dim() == 0:
-        raise UserModelError(f"{label}: batch targets are a 0-d tensor; they need a first (example) dimension")
-    if y.shape[0] == 0 or any(t.numel() == 0 for t in input_tensors(X)):
-        raise UserModelError(f"{label}: the batch is empty (targets {_shape(y)}, inputs "
-                             f"{', '.join(_shape(t) for t in input_tensors(X))})")
+    X, y = _check_pair(batch, label, "batch")
+    if "test" in out:
+        _check_pair(out["test"], label, "test")
+    if "symmetries" in out:
+        _check_symmetries(out["symmetries"], label)
     if not callable(loss):
         raise UserModelError(f"{label}: 'loss' must be a callable (outputs, targets) -> scalar")
+    return model, X, y, loss
+
+
+def _check_forward(model, X, y, loss, label: str, what: str = "batch") -> None:
+    """The model and the loss once on ``what`` (buffers such as BN statistics are restored)."""
+    import torch
 
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     try:
@@ -159,7 +298,7 @@ def check_contract(out, label: str) -> None:
             try:
                 outputs = model(**X) if isinstance(X, dict) else model(X)
             except Exception as e:
-                raise UserModelError(f"{label}: the model fails on the batch (inputs "
+                raise UserModelError(f"{label}: the model fails on the {what} (inputs "
                                      f"{', '.join(_shape(t) for t in input_tensors(X))}): {_why(e)}") from None
             if isinstance(outputs, (tuple, list)) and not hasattr(outputs, "keys"):
                 raise UserModelError(f"{label}: the model returned a {type(outputs).__name__}; return a tensor "
@@ -177,7 +316,7 @@ def check_contract(out, label: str) -> None:
                 raise UserModelError(f"{label}: loss returned a {value.dtype} tensor, expected a floating-point scalar")
             v = float(value.detach())
             if v != v or v in (float("inf"), float("-inf")):
-                raise UserModelError(f"{label}: loss is {v} on the batch, expected a finite number")
+                raise UserModelError(f"{label}: loss is {v} on the {what}, expected a finite number")
             if not value.requires_grad:
                 raise UserModelError(f"{label}: loss does not depend on the model's trainable parameters "
                                      "(it has no gradient)")
