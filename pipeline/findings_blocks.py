@@ -10,7 +10,8 @@ point's Rayleigh quotient along the transported top eigenvector gives the ratio 
 one-sided move as the control), and a least-squares slope with a 95% t-interval across groups tests the
 imbalance.
 
-Three findings (`analyses.predictions.block_anisotropy`):
+Registered as one finding, ``block_anisotropy`` (``FINDING``), whose rows carry three ``finding`` names
+(``ROW_FINDINGS``; `analyses.predictions.block_anisotropy`):
 
 * ``block_sharpness``: one row per block (``transformation`` = the block, e.g.
   ``qk_gl[transformer.h.0.attn.c_attn][head 1]:K``), ``statistic`` = ``eigenvalue`` = its λ_max,
@@ -36,8 +37,10 @@ import math
 from eqlab.analyses.predictions.block_anisotropy import block_findings
 from eqlab.pipeline.study import RunSpec
 
-FINDING = ("block_sharpness", "block_orbit_congruence", "block_sharpness_imbalance")
-SHARPNESS, CONGRUENCE, IMBALANCE = FINDING
+# the name the findings stage registers (and a study's [findings] include picks); the rows carry three
+FINDING = "block_anisotropy"
+ROW_FINDINGS = ("block_sharpness", "block_orbit_congruence", "block_sharpness_imbalance")
+SHARPNESS, CONGRUENCE, IMBALANCE = ROW_FINDINGS
 # families moved by default: the catalog rows of this finding (5a ReLU, 6d Q/K, 7a V/O, 2c BN, 3a LN scale)
 FAMILIES = ("relu_rescale", "leaky_relu_rescale", "qk_gl", "vo_gl", "bn_scale", "ln_scale")
 SETTINGS = {"unit_groups": 3, "block_tol": 1e-2, "block_max_iter": 20, "after_iter": 2, "move_groups": 1,

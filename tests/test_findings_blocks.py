@@ -19,7 +19,7 @@ from eqlab.analyses.predictions.block_anisotropy import across_verdict, block_fi
 from eqlab.analyses.transforms import ScaleFamily
 from eqlab.models import build_task, hf_tiny
 from eqlab.models.toy_mlp import MLP, toy_batch
-from eqlab.pipeline.findings_blocks import FINDING, block_rows
+from eqlab.pipeline.findings_blocks import ROW_FINDINGS, block_rows
 from eqlab.pipeline.schema import TABLES
 from eqlab.pipeline.study import RunSpec
 
@@ -215,7 +215,7 @@ def test_rows_fit_the_findings_schema():
     spec = RunSpec(run_id="cnn", family="digits_cnn", model={}, optimizer="sgd", lr=0.05, momentum=0.0,
                    weight_decay=0.0, batch_size=32, steps=1, checkpoint_steps=(0,), train_workers=1, seed=0)
     rows = block_rows(spec, model, loss, batch, _verified(model, loss, batch), {"unit_groups": 2})
-    assert {r["finding"] for r in rows} == set(FINDING)
+    assert {r["finding"] for r in rows} == set(ROW_FINDINGS)
     cols = {f.name for f in TABLES["findings"]}
     assert all(set(r) <= cols for r in rows)
     pa.Table.from_pylist(rows, schema=TABLES["findings"])  # types and nulls as the table stores them
