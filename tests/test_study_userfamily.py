@@ -155,6 +155,32 @@ def test_func_gets_the_options_and_the_seed_and_builds_the_task_in_the_dtype_ask
     assert expected_symmetries(run.family, {"declare": False}) == {}  # none declared: all is discovered
 
 
+def test_a_grid_of_a_user_family_builds_it_once_per_options(tmp_path, monkeypatch, capsys):
+    counted = MLP.replace("    g = torch.Generator()", "    open(__file__ + '.calls', 'a').write('x')\n    g = torch.Generator()")
+    path = write_study(tmp_path, source=counted)
+    text = path.read_text()
+    runs_at = text.index("[[runs]]")
+    path.write_text(text[:runs_at] + textwrap.dedent('''
+        [grid]
+        lr = [0.1, 0.05]
+        seed = [0, 1]
+        [[grid.runs]]
+        name = "mlp"
+        family = "models/mlp.py:make"
+        model = { hidden = 5 }
+        batch_size = 16
+        steps = 2
+        n_checkpoints = 2
+        '''))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "study.toml", "--dry-run", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["mlp-lr0.1-s0", "mlp-lr0.1-s1", "mlp-lr0.05-s0", "mlp-lr0.05-s1"]
+    assert {r["parameters"] for r in rows} == {_mlp_params(5)}
+    # one build checks the file and the options for the whole grid (and the dry run's parameter counts)
+    assert (tmp_path / "models" / "mlp.py.calls").read_text() == "x"
+
+
 # --- bad input: one line naming the field, exit 2, nothing written --------------------------------------
 
 BAD = [
