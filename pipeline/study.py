@@ -540,6 +540,24 @@ def shown_family(run: RunSpec) -> str:
         return run.family
 
 
+def user_family_files(study: Study, study_file: str | Path) -> list[tuple[Path, Path]]:
+    """(the file, its path relative to the study file's folder) for every user family of the study: what
+    a cluster job's working directory must hold beside the study file (`pipeline/jobs.py`), so that the
+    job resolves each ``family`` as it was written. A file outside that folder cannot travel with it."""
+    folder = Path(study_file).resolve().parent
+    out: dict[Path, Path] = {}
+    for i, run in enumerate(study.runs):
+        if not run.family_digest:
+            continue
+        path = Path(run.family.rsplit(":", 1)[0])
+        try:
+            out[path] = path.relative_to(folder)
+        except ValueError:
+            raise StudyError(f"runs[{i}].family: {path} is outside the study file's folder {folder}; a cluster "
+                             "job receives that folder's files only (move the file beside the study)") from None
+    return sorted(out.items())
+
+
 def local_cpus() -> int:
     """CPUs this process may run on (the embedded local cluster's ceiling)."""
     try:

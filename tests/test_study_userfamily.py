@@ -121,6 +121,18 @@ def test_keys_follow_the_files_content_not_its_location(tmp_path):
     assert train_hash(wider.runs[0]) != train_hash(a.runs[0])
 
 
+def test_the_files_a_cluster_job_needs_beside_the_study(tmp_path):
+    from eqlab.pipeline.study import user_family_files
+
+    path = write_study(tmp_path / "proj")
+    file = (tmp_path / "proj" / "models" / "mlp.py").resolve()
+    assert user_family_files(load_study(path), path) == [(file, Path("models/mlp.py"))]
+    assert user_family_files(load_study(None), "pipeline/studies/default.toml") == []  # registered families only
+    outside = write_study(tmp_path / "other", family=f"{file}:make")  # an absolute path elsewhere
+    with pytest.raises(StudyError, match=r"runs\[0\]\.family: .* is outside the study file's folder"):
+        user_family_files(load_study(outside), outside)
+
+
 def test_a_registered_familys_keys_are_those_from_before_user_families():
     # pinned from the code before this change (commit 221cff3): a registered run's training key and a
     # study's hash must not move, or every stored checkpoint and row of existing studies would be redone
