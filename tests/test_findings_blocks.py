@@ -15,7 +15,7 @@ from eqlab.analyses.curvature.params import ParamSpace
 from eqlab.analyses.discover import discover
 from eqlab.analyses.identities import rounding_model
 from eqlab.analyses.predictions._common import with_params
-from eqlab.analyses.predictions.block_anisotropy import across_verdict, block_findings, ols_slope
+from eqlab.analyses.predictions.block_anisotropy import across_verdict, block_findings, control_of_fit, ols_slope
 from eqlab.analyses.transforms import ScaleFamily
 from eqlab.models import build_task, hf_tiny
 from eqlab.models.toy_mlp import MLP, toy_batch
@@ -208,6 +208,10 @@ def test_slope_fit_and_its_verdicts():
     assert across_verdict(0.5, 1.0, 5, 1.0, control=False)[0] == "inconclusive"  # contains 0 and 1
     assert across_verdict(1.0, 0.1, 5, 1.0, control=True)[0] == "inconclusive"   # a control that passes
     assert across_verdict(1.0, math.nan, 2, 1.0, control=False)[0] == "inconclusive"
+    # a control discriminates only a fit that can tell
+    assert control_of_fit("holds", "violated", "")[0] == "violated"
+    assert control_of_fit("inconclusive", "violated", "")[0] == "inconclusive"
+    assert control_of_fit("violated", "inconclusive", "")[0] == "inconclusive"
 
 
 def test_rows_fit_the_findings_schema():

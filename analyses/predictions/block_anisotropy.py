@@ -445,6 +445,14 @@ def across_verdict(slope: float, se: float, n: int, predicted: float, control: b
     return v, half, why
 
 
+def control_of_fit(fit: str, control: str, why: str) -> tuple[str, str]:
+    """A shuffled-pairing control discriminates only a fit that can tell: next to an inconclusive fit, a
+    control that misses the slope shows nothing, so it is inconclusive too."""
+    if fit == "inconclusive" and control == "violated":
+        return "inconclusive", why + "; but the fit itself is inconclusive, so this control shows nothing"
+    return control, why
+
+
 def _across(t_name: str, family: str, groups: list, tops: dict) -> list[SlopeRow]:
     """Across the groups/heads of one family: log sharpness ratio against log norm ratio (two-sided, slope 1)
     or log λ_max against log ‖θ_B‖² (one-sided, slope −1); plus the shuffled-pairing control."""
@@ -475,6 +483,8 @@ def _across(t_name: str, family: str, groups: list, tops: dict) -> list[SlopeRow
     for control, x in ((False, xs), (True, xs[1:] + xs[:1])):  # the control pairs each y with the next group's x
         slope, se, n = ols_slope(x, ys)
         verdict, half, why = across_verdict(slope, se, n, pred, control)
+        if control:
+            verdict, why = control_of_fit(rows[0].verdict, verdict, why)
         reason = (f"across the {n} groups/heads of {t_name} at this checkpoint: least-squares slope of {what}; "
                   f"empirical hypothesis, not an exact consequence of the symmetry (along one orbit the slope is "
                   f"exactly {pred:g}): {why}" + (" (control: each group's x paired with the next group's)"
