@@ -41,8 +41,11 @@ from eqlab.pipeline.study import RunSpec
 FINDING = "block_anisotropy"
 ROW_FINDINGS = ("block_sharpness", "block_orbit_congruence", "block_sharpness_imbalance")
 SHARPNESS, CONGRUENCE, IMBALANCE = ROW_FINDINGS
-# families moved by default: the catalog rows of this finding (5a ReLU, 6d Q/K, 7a V/O, 2c BN, 3a LN scale)
-FAMILIES = ("relu_rescale", "leaky_relu_rescale", "qk_gl", "vo_gl", "bn_scale", "ln_scale")
+# families moved by default: the catalog rows of this finding (5a ReLU, 6d Q/K, 7a V/O, 2c BN scale, 3a/4a
+# LN and RMSNorm scale blocks: the pre-norm residual stream, per-head QK-norm); LN-gain and GLU rescales
+# (5e) are eligible too but left out of the default for cost (add them to block_families)
+FAMILIES = ("relu_rescale", "qk_gl", "vo_gl", "bn_scale", "ln_scale", "ln_residual_scale", "rms_residual_scale",
+            "qk_norm_head_scale")
 SETTINGS = {"unit_groups": 3, "block_tol": 1e-2, "block_max_iter": 20, "after_iter": 2, "move_groups": 1,
             "block_families": FAMILIES}
 

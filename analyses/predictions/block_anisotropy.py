@@ -47,8 +47,8 @@ from eqlab.analyses.transforms import Continuous, GLFamily, ScaleFamily, SubGLFa
 F64 = torch.float64
 # side names of each block exponent, by family (e = +1: multiplied by c, −1: by 1/c)
 SIDES = {"qk_gl": {1: "Q", -1: "K"}, "vo_gl": {1: "V", -1: "O"}}
-GROUP_NOUN = {"relu_rescale": "units", "leaky_relu_rescale": "units", "bn_scale": "channels",
-              "ln_gain_rescale": "features"}
+GROUP_NOUN = {"relu_rescale": "units", "bn_scale": "channels", "ln_gain_rescale": "features",
+              "ln_residual_scale": "stream", "rms_residual_scale": "stream", "qk_norm_head_scale": "heads"}
 CI = 0.95  # the across-block slope's two-sided t-interval
 
 
@@ -90,7 +90,7 @@ def _side(family: str, exponent: int, one_sided: bool) -> str:
     if family in SIDES and exponent in SIDES[family]:
         return SIDES[family][exponent]
     if one_sided and exponent == 1:
-        return "filter"
+        return "filter" if family == "bn_scale" else "block"
     return {1: "in", -1: "out"}.get(exponent, f"c^{exponent}")
 
 
@@ -476,8 +476,8 @@ def _across(t_name: str, family: str, groups: list, tops: dict) -> list[SlopeRow
                 pts.append((math.log(u.norm2), math.log(u.lam)))
             pred = -1.0
             what = "log lambda_max on log ||theta_B||^2"
-    if not pts:
-        return []
+    if len(pts) < 2:
+        return []  # one block: no slope at all (two give a slope without a standard error: inconclusive)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     rows = []
     for control, x in ((False, xs), (True, xs[1:] + xs[:1])):  # the control pairs each y with the next group's x
