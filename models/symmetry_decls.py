@@ -13,6 +13,11 @@ ATTENTION = {"qk_gl": "per-head GL(d_head) of W_Q, W_K (logits depend on Q Kᵀ 
              "head_permutation": "heads are interchangeable",
              "key_bias_translation": "a key bias shifts every logit of a query equally (softmax invariant)"}
 SOFTMAX = {"softmax_translation": "cross-entropy is invariant to a shift of all logits (untied head)"}
+# Bias transfers (analyses.discover.transfers): exact whatever the eps, wherever the readers have biases.
+BIAS_TRANSFERS = {"ln_bias_transfer": "a LayerNorm bias read only by linear maps with biases moves into them "
+                                      "(β → β + δ, b → b − Wδ)",
+                  "value_bias_transfer": "a value bias moves into the output projection's bias (softmax rows sum "
+                                         "to 1: P(V + 1δᵀ) = PV + 1δᵀ)"}
 RELU = {"relu_rescale": "ReLU is positively homogeneous: scale a unit's fan-in by a, its fan-out by 1/a",
         "permutation": "hidden units of an elementwise activation are interchangeable"}
 
@@ -27,12 +32,14 @@ def layer_norm(o: dict, eps_key: str) -> dict:
 
 def minilm_cls(o: dict) -> dict:
     # BERT is post-LN with eps = 1e-12 and GELU: no residual scale, no MLP rescale (both measured violations)
-    return {**SOFTMAX, **ATTENTION, "ln_gain_rescale": "a LayerNorm gain can move into the linear layer it feeds",
+    # post-LN: only the last LayerNorm (read by the pooler alone) has a bias transfer; the value bias always
+    return {**SOFTMAX, **ATTENTION, **BIAS_TRANSFERS,
+            "ln_gain_rescale": "a LayerNorm gain can move into the linear layer it feeds",
             "ln_residual_translation": "LayerNorm removes a common shift of the residual stream"}
 
 
 def gpt2_text(o: dict) -> dict:
-    out = {**ATTENTION, **layer_norm(o, "layer_norm_epsilon"), "permutation": RELU["permutation"]}
+    out = {**ATTENTION, **layer_norm(o, "layer_norm_epsilon"), **BIAS_TRANSFERS, "permutation": RELU["permutation"]}
     if not o["tie_word_embeddings"]:
         out.update(SOFTMAX)
     if o["activation"] == "relu":
@@ -55,7 +62,8 @@ def llama_text(o: dict) -> dict:
 
 
 def vit_images(o: dict) -> dict:
-    out = {**SOFTMAX, **ATTENTION, **layer_norm(o, "layer_norm_eps"), "permutation": RELU["permutation"]}
+    out = {**SOFTMAX, **ATTENTION, **layer_norm(o, "layer_norm_eps"), **BIAS_TRANSFERS,
+           "permutation": RELU["permutation"]}
     if o["activation"] == "relu":
         out["relu_rescale"] = RELU["relu_rescale"]
     return out

@@ -6,6 +6,7 @@
     d.broken              # every Found entry that is not exact, with the measured violation and the reason
     d.rejected            # candidates a pattern finder considered and did not propose, each with its reason
     negative_controls(model, loss, batch)   # declared non-symmetries the pipeline checks alongside
+    negative_controls(model, loss, batch, all_families=True)  # + those of bias transfers, layer/offset scales
 
 Nothing found is dropped: a candidate that fails verification is reported with its verdict and reason.
 """
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eqlab.analyses.discover import attention, explain, gated, homogeneity, residual
+from eqlab.analyses.discover import (attention, explain, gated, homogeneity, layer_scale, offset_gain, residual,
+                                     transfers)
 from eqlab.analyses.discover.graph import trace
 from eqlab.analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
                                         rescales, sign_flips, softmax_translations,
@@ -26,7 +28,7 @@ from eqlab.analyses.discover.verdicts import BROKEN, EXACT, INPUT_SCALE, classif
 from eqlab.analyses.identities import check_all, unit_roundoff
 from eqlab.analyses.transforms import Transformation
 
-__all__ = ["Discovery", "Found", "discover", "negative_controls", "candidates"]
+__all__ = ["Discovery", "Found", "discover", "negative_controls", "candidates", "affine_family_controls"]
 
 
 @dataclass
@@ -102,10 +104,19 @@ def candidates(model, loss, batch, trace_examples: int = 4):
     """(candidates, negative controls) from one recorded forward pass; no verification."""
     graph = trace(model, loss, _subset(batch, trace_examples))
     pairs = activation_pairs(graph)
+    moved = transfers.transfers(graph)                                  # bias transfers (affine elements)
+    scales = layer_scale.layer_scales(graph) + offset_gain.offset_gains(graph)
     found = (softmax_translations(graph) + batchnorm_scales(graph) + rescales(graph, pairs)
              + gated.gated_units(graph) + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
-             + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph))
+             + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph) + moved + scales)
     return _unique_names(found), negative_controls_from(graph, pairs)
+
+
+def affine_family_controls(cands) -> list[Transformation]:
+    """The negative controls of the bias transfers, layer scales and offset gains among ``cands``: a transfer
+    with the wrong sign or one reader left out, a layer scale with the wrong sign, an offset gain rescaled
+    as if it had no offset."""
+    return transfers.controls(cands) + layer_scale.controls(cands) + offset_gain.controls(cands)
 
 
 def _unique_names(found):
@@ -119,10 +130,13 @@ def _unique_names(found):
     return found
 
 
-def negative_controls(model, loss, batch, trace_examples: int = 4) -> list[Transformation]:
+def negative_controls(model, loss, batch, trace_examples: int = 4, all_families: bool = False) -> list[Transformation]:
     """Transformations that look like the discovered ones but are not symmetries (wrong-sign ReLU
-    rescale, a one-class logit shift). ``expected=False``: checks report ``ok`` when they are rejected."""
-    return candidates(model, loss, batch, trace_examples)[1]
+    rescale, a one-class logit shift). ``expected=False``: checks report ``ok`` when they are rejected.
+    ``all_families``: also those of the bias transfers, layer scales and offset gains
+    (`affine_family_controls`; off by default so that the pipeline's control rows keep their count)."""
+    cands, controls = candidates(model, loss, batch, trace_examples)
+    return controls + (affine_family_controls(cands) if all_families else [])
 
 
 def discover(model, loss, batch, *, verify_examples: int = 32, trace_examples: int = 4, probes: int = 1,

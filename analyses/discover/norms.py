@@ -32,18 +32,23 @@ def _param_dependent(graph) -> set[int]:
     return dep
 
 
-def _root(graph, t, dep):
-    """Walk back from a reduction's input through single-data-input, same-shape elementwise ops."""
+def _roots(graph, t, dep):
+    """The tensors met walking back from a reduction's input through single-data-input, same-shape
+    elementwise ops, farthest first (the region may have to start before the farthest one's consumers
+    fan out: Gemma's scaled embeddings feed both the first norm and the residual, so its norm starts at its
+    own cast of them)."""
+    path = [t]
     while True:
         prod = graph.producer(t)
         if prod is None:
-            return t
+            return path[::-1]
         op = prod[0]
         data = [op.leaves[p] for p in op.tensor_positions() if id(op.leaves[p]) in dep or graph.param(op.leaves[p])]
         if op.name not in ELEMENTWISE_MATH | _CAST or graph.has_param_input(op) or len(data) != 1 \
                 or data[0].shape != t.shape:
-            return t
+            return path[::-1]
         t = data[0]
+        path.append(t)
 
 
 def _aliases(op):
@@ -175,14 +180,16 @@ def fuse_norms(graph):
         inp = r.leaves[r.tensor_positions()[0]]
         if inp.dim() < 1 or r.outputs[0].numel() * inp.shape[-1] != inp.numel():
             continue  # not a reduction over the last axis only
-        x = _root(graph, inp, dep)
-        ops = _region(graph, x, dep)
-        if not ops or any(id(o) in replaced for o in ops):
-            continue
-        ids = {id(o) for o in ops}
-        exits = [o for op in ops for o in op.outputs
-                 if not graph.consumers(o) or any(id(c) not in ids for c, _ in graph.consumers(o))]
-        if len(exits) != 1 or exits[0].shape != x.shape:
+        for x in _roots(graph, inp, dep):   # the farthest root whose region has one exit
+            ops = _region(graph, x, dep)
+            if not ops or any(id(o) in replaced for o in ops):
+                continue
+            ids = {id(o) for o in ops}
+            exits = [o for op in ops for o in op.outputs
+                     if not graph.consumers(o) or any(id(c) not in ids for c, _ in graph.consumers(o))]
+            if len(exits) == 1 and exits[0].shape == x.shape:
+                break
+        else:
             continue
         is_norm, mean_free = _probe(ops, x, exits[0])
         if not is_norm:

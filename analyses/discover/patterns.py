@@ -235,7 +235,7 @@ def _no_gain_reason(graph: Graph, op) -> str:
             if c.name in ("mul", "__mul__") and prod and prod[0].name in ("add", "__add__", "__radd__") \
                     and graph.ancestors(c.leaves[p]) & params:
                 return ("the gain is an offset (1 + w) applied after the norm: its rescale w -> a(1 + w) - 1 is "
-                        "affine, not a scaling (not implemented)")
+                        "affine, not a scaling (proposed as the offset gain rescale, offset_gain.py)")
     return "the normalisation has no gain parameter"
 
 

@@ -66,6 +66,39 @@ def _gpt2():
     return _build(c, tf.GPT2LMHeadModel)
 
 
+def _images(n=4, channels=3, size=8, labels=3):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, channels, size, size, generator=g, dtype=torch.float64),
+            torch.randint(0, labels, (n,), generator=g))
+
+
+def _convnext():
+    import transformers as tf   # depthwise 7x7 conv, channels-last LayerNorm, layer scale after pwconv2
+
+    c = tf.ConvNextConfig(num_channels=3, patch_size=2, num_stages=1, hidden_sizes=[HIDDEN], depths=[LAYERS],
+                          num_labels=3, layer_scale_init_value=0.5, image_size=8)
+    return _build(c, tf.ConvNextForImageClassification, _ce, _images())
+
+
+def _dinov2():
+    import transformers as tf   # pre-LN ViT with layer scales after attention and MLP
+
+    c = tf.Dinov2Config(image_size=8, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                        num_attention_heads=HEADS, mlp_ratio=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=3, layerscale_value=0.5, initializer_range=0.3)
+    return _build(c, tf.Dinov2ForImageClassification, _ce, _images())
+
+
+def _bert():
+    import transformers as tf   # post-LN: LayerNorms read by residual adds
+
+    c = tf.BertConfig(vocab_size=11, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      intermediate_size=2 * HIDDEN, max_position_embeddings=20, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, num_labels=3, initializer_range=0.3)
+    ids, _ = _ids()
+    return _build(c, tf.BertForSequenceClassification, _ce, (ids, torch.randint(0, 3, (ids.shape[0],))))
+
+
 ZOO = {
     "GPT2LMHeadModel": _gpt2,
     "LlamaForCausalLM": _lm("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2),
@@ -81,4 +114,7 @@ ZOO = {
     "MixtralForCausalLM": _lm("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
                               num_experts_per_tok=2),
     "MobileViTForImageClassification": _mobilevit,
+    "BertForSequenceClassification": _bert,
+    "ConvNextForImageClassification": _convnext,
+    "Dinov2ForImageClassification": _dinov2,
 }
