@@ -340,18 +340,17 @@ def _findings(t: Tables, out: Path) -> Section:
                 "equal); right, |measured − predicted| over the row's tolerance at each checkpoint (dashed: 1). "
                 "Filled: symmetry rows; hollow: negative controls; colour: verdict.")
     summary = t.rows('''select finding, run_id, symmetry, control, count(*) as n,
-                               count(*) filter (where verdict = 'supported') as supported,
-                               count(*) filter (where verdict = 'contradicted') as contradicted,
-                               count(*) filter (where verdict = 'not_discriminating') as not_discriminating,
-                               count(*) filter (where verdict not in ('supported', 'contradicted',
-                                                                      'not_discriminating')) as other,
+                               count(*) filter (where verdict = 'holds') as holds,
+                               count(*) filter (where verdict = 'violated') as violated,
+                               count(*) filter (where verdict = 'inconclusive') as inconclusive,
+                               count(*) filter (where verdict not in ('holds', 'violated', 'inconclusive')) as other,
                                max(residual / nullif(tolerance, 0)) as worst
                         from findings group by all order by all''')
     sec.parts.append("<h3>Verdicts by finding, run and family</h3>" + _table(
-        ["finding", "run", "symmetry", "control", "rows", "supported", "contradicted", "not_discriminating",
+        ["finding", "run", "symmetry", "control", "rows", "holds", "violated", "inconclusive",
          "other", "max residual / tolerance"],
-        [[r[c] for c in ("finding", "run_id", "symmetry", "control", "n", "supported", "contradicted",
-                         "not_discriminating", "other", "worst")] for r in summary],
+        [[r[c] for c in ("finding", "run_id", "symmetry", "control", "n", "holds", "violated",
+                         "inconclusive", "other", "worst")] for r in summary],
         cls="summary", id_="findings-summary"))
     rows.sort(key=lambda r: (r["finding"], rf.natural_key(r["run_id"]), r["step"], r["transformation"],
                              bool(r["control"]), -1 if r["rank"] is None else r["rank"]))
@@ -387,7 +386,7 @@ figcaption { color: #444; font-size: 13px; max-width: 1100px; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 12.5px; }
 th, td { border: 1px solid #ddd; padding: 2px 7px; text-align: left; } th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.v-supported, .v-holds { background: #e3f5e1; } .v-contradicted, .v-violated { background: #fbe1e1; }
+.v-holds { background: #e3f5e1; } .v-violated, .v-rejected { background: #fbe1e1; }
 .v-not_discriminating, .v-inconclusive { background: #fff1d6; }
 details summary { cursor: pointer; margin: 0.6em 0; }
 """

@@ -358,8 +358,7 @@ def _symlog_both(ax, vals) -> None:
     ax.tick_params(axis="y", labelsize=7)
 
 
-VERDICT_MARK = {"supported": ("o", "#2ca02c"), "holds": ("o", "#2ca02c"), "contradicted": ("X", "#d62728"),
-                "violated": ("X", "#d62728"), "not_discriminating": ("D", "#ff7f0e"), "inconclusive": ("D", "#ff7f0e")}
+VERDICT_MARK = {"holds": ("o", "#2ca02c"), "violated": ("X", "#d62728"), "inconclusive": ("D", "#ff7f0e")}
 
 
 def finding(name: str, rows: list[dict]) -> Figure | None:

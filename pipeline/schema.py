@@ -154,7 +154,7 @@ TABLES: dict[str, pa.Schema] = {
         ("finding", pa.string()),        # e.g. flat_symmetry_direction
         ("transformation", pa.string()), # the family instance it is about (as in identities)
         ("symmetry", pa.string()),       # the family: bn_scale, relu_rescale, softmax_translation, ...
-        ("control", pa.bool_()),         # True: a negative control, expected to come out contradicted
+        ("control", pa.bool_()),         # True: a negative control, expected to come out violated
         ("optimizer", pa.string()),      # the condition, copied from the run spec
         ("lr", pa.float64()),
         ("momentum", pa.float64()),
@@ -171,7 +171,7 @@ TABLES: dict[str, pa.Schema] = {
         ("residual", pa.float64()),      # |measured - predicted| at the worst probe (relative to its tolerance)
         ("tolerance", pa.float64()),     # that probe's rounding bound on the residual, same units
         ("scale", pa.float64()),         # what a generic direction gives (kappa = ||Hu||, unit u): the effect size
-        ("verdict", pa.string()),        # supported | contradicted | not_discriminating
+        ("verdict", pa.string()),        # holds | violated | inconclusive (a control that passes too)
         ("tolerance_reason", pa.string()),  # the rounding argument with its numbers
         ("hvps", pa.int64()),
     ]),

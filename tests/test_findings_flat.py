@@ -77,7 +77,7 @@ def test_rayleigh_quotients_match_the_dense_hessian(case):
 def test_generators_hold_their_prediction_and_controls_are_told_apart(case):
     name, findings, H, space = case
     gens = [f for f in findings if not f.control]
-    assert {f.verdict for f in gens} == {"supported"}, [(f.transformation, f.verdict) for f in gens]
+    assert {f.verdict for f in gens} == {"holds"}, [(f.transformation, f.verdict) for f in gens]
     for f in gens:
         for p in f.probes:
             v = _flat(space, p.direction)
@@ -90,16 +90,16 @@ def test_generators_hold_their_prediction_and_controls_are_told_apart(case):
     for f in controls.values():
         ps = [space.slice(n) for n in f_params(f, space)]
         rows = torch.cat([H[s] for s in ps])
-        if f.verdict == "not_discriminating":
+        if f.verdict == "inconclusive":
             # only where the family's parameters are flat in every direction (a bias feeding a BatchNorm):
             # the dense rows' spectral norm, a curvature like ρ, is under the control's own rounding bound
             assert float(torch.linalg.matrix_norm(rows, 2)) <= f.worst.tolerance, f.transformation
         else:
-            assert f.verdict == "contradicted"
+            assert f.verdict == "violated"
             w = f.worst
             # a random direction misses by a generic curvature: many tolerances, and a visible share of κ
             assert abs(w.rayleigh - w.predicted) > 1e6 * w.tolerance, f.transformation
-    assert sum(f.verdict == "contradicted" for f in controls.values()) >= 2, name
+    assert sum(f.verdict == "violated" for f in controls.values()) >= 2, name
 
 
 def f_params(f, space):
@@ -136,9 +136,9 @@ def test_bn_epsilon_breaks_scale_flatness_by_the_orbit_curvature():
             # the orbit's L'' is a forward + two backwards through s: within the same rounding bound
             assert abs((p.rayleigh - p.predicted) - miss) <= 2 * p.tolerance, (eps, p.rayleigh, p.predicted, miss)
         if eps == 1e-3:
-            assert f.verdict == "contradicted" and abs(miss) > 1e3 * p.tolerance, (miss, p.tolerance)
+            assert f.verdict == "violated" and abs(miss) > 1e3 * p.tolerance, (miss, p.tolerance)
         else:
-            assert f.verdict == "supported"
+            assert f.verdict == "holds"
 
 
 @pytest.fixture(scope="module", params=["digits_cnn", "gpt2"])
@@ -157,17 +157,17 @@ def test_alignment_holds_on_dense_eigenpairs_and_controls_are_told_apart(dense_c
     residuals = [float(torch.linalg.vector_norm(H @ evecs[:, i] - evals[i] * evecs[:, i])) for i in top]
     found = alignment_findings(model, loss, batch, ts, lams, vecs, residuals, probes=2, seed=5)
     gens = [f for f in found if not f.control]
-    assert gens and {f.verdict for f in gens} == {"supported"}, [(f.transformation, f.rank, f.verdict) for f in gens]
+    assert gens and {f.verdict for f in gens} == {"holds"}, [(f.transformation, f.rank, f.verdict) for f in gens]
     # not trivially 0 = 0: the gradient's component along what the generator does to u_1 is resolved
     assert any(abs(f.prediction) > 1e3 * f.worst.tolerance for f in gens), name
     ctrls = [f for f in found if f.control]
-    assert sum(f.verdict == "contradicted" for f in ctrls) >= 2, name
+    assert sum(f.verdict == "violated" for f in ctrls) >= 2, name
     for f in ctrls:
         w = f.worst
-        assert f.verdict == "contradicted" or abs(w.measured) <= w.tolerance, (f.transformation, f.rank)
+        assert f.verdict == "violated" or abs(w.measured) <= w.tolerance, (f.transformation, f.rank)
     # the wrong eigenvalue (the pair's own vector, the next pair's value) breaks the identity
     wrong = alignment_findings(model, loss, batch, ts, [lams[1], lams[0]], vecs[:2], residuals[:2], probes=2, seed=5)
-    assert any(f.verdict == "contradicted" for f in wrong if not f.control), name
+    assert any(f.verdict == "violated" for f in wrong if not f.control), name
 
 
 def test_lanczos_eigenpairs_agree_with_the_dense_oracle(dense_case):
@@ -202,13 +202,13 @@ def test_stage_writes_findings_rows_in_a_real_study(ray_cluster, tmp_path):
         assert (opt, lr, wd, dtype) == (spec.optimizer, spec.lr, spec.weight_decay, "float64")
         assert math.isfinite(stat) and math.isfinite(pred) and tol > 0 and "gamma_n" in reason
         if not control:
-            assert verdict == "supported" and res <= tol, (step, sym, res, tol)
+            assert verdict == "holds" and res <= tol, (step, sym, res, tol)
         elif sym in ("bn_scale", "relu_rescale", "softmax_translation"):
-            assert verdict == "contradicted" and res > tol, (step, sym)
+            assert verdict == "violated" and res > tol, (step, sym)
     assert {"bn_scale", "relu_rescale", "softmax_translation"} <= {r[1] for r in rows}
     _, rows = run_query(tmp_path, """
         select finding, control, verdict, count(*) from findings group by all order by all""")
     got = {(f, c, v): n for f, c, v, n in rows}
-    assert got.get(("gradient_hessian_alignment", False, "supported"), 0) > 0, got
-    assert ("gradient_hessian_alignment", False, "contradicted") not in got, got
-    assert got.get(("gradient_hessian_alignment", True, "contradicted"), 0) > 0, got
+    assert got.get(("gradient_hessian_alignment", False, "holds"), 0) > 0, got
+    assert ("gradient_hessian_alignment", False, "violated") not in got, got
+    assert got.get(("gradient_hessian_alignment", True, "violated"), 0) > 0, got

@@ -158,12 +158,12 @@ def test_findings_table_lists_the_stored_verdicts(report):
     key = lambda r: (r[0], r[1], int(r[2]), r[3], str(r[4]).lower(), r[5])  # noqa: E731
     assert Counter(key((r["finding"], r["run"], r["step"], r["transformation"], r["control"], r["verdict"]))
                    for r in shown) == Counter(key(r) for r in stored)
-    assert {"supported", "contradicted"} <= {r["verdict"] for r in shown}
+    assert {"holds", "violated"} <= {r["verdict"] for r in shown}
     assert all(r["_verdict_class"].split() == ["verdict", f"v-{r['verdict']}"] for r in shown)
     # the summary counts the same rows
     summary = _body(page, "findings-summary")
     assert sum(int(r["rows"]) for r in summary) == len(stored)
-    assert sum(int(r["supported"]) for r in summary) == sum(r[5] == "supported" for r in stored)
+    assert sum(int(r["holds"]) for r in summary) == sum(r[5] == "holds" for r in stored)
 
 
 def _run_in_subprocess(results: Path, out: Path):
@@ -209,7 +209,7 @@ def test_only_some_tables_and_hostile_strings(tmp_path):
                                                        "status": "ok", "n_params": 10}], study="<b>s</b>")
     rows = []
     for step in (0, 3):
-        for control, verdict in ((False, "supported"), (True, "contradicted")):
+        for control, verdict in ((False, "holds"), (True, "violated")):
             rows.append({"finding": "flat_symmetry_direction", "transformation": "t<i>1</i>&'q'",
                          "symmetry": "_bn<scale>", "control": control, "statistic": 1e-3 if control else 1e-17,
                          "predicted": 0.0, "residual": 1e-3 if control else 1e-17, "tolerance": 1e-14,
@@ -237,7 +237,7 @@ def test_only_some_tables_and_hostile_strings(tmp_path):
     assert 'title="γ &lt;n&gt; &quot;u&quot; &amp; more"' in text
     page = _parse(out / "index.html")
     assert _body(page, "runs-table")[0]["run_id"] == run
-    assert [r["verdict"] for r in _body(page, "findings-table")] == ["supported", "contradicted"] * 2
+    assert [r["verdict"] for r in _body(page, "findings-table")] == ["holds", "violated"] * 2
     notes = " | ".join(page.notes)
     for table in ("metrics", "checkpoints", "spectra", "densities", "block_spectra", "conservation"):
         assert f"table {table} is missing" in notes, (table, notes)

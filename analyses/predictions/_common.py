@@ -15,6 +15,17 @@ from eqlab.analyses.curvature.operator import HessianOperator
 
 _TINY = 1e-300
 
+# The findings table's verdict words (issue 11). A prediction holds or is violated; a negative control must
+# come out violated, and one that also passes is inconclusive: the check cannot tell a symmetry from a
+# non-symmetry at that point and dtype.
+FINDING_VERDICTS = ("holds", "violated", "inconclusive")
+
+
+def finding_verdict(holds: bool, control: bool) -> str:
+    if control:
+        return "inconclusive" if holds else "violated"
+    return "holds" if holds else "violated"
+
 
 @dataclass
 class Prediction:

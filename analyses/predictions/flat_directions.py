@@ -31,9 +31,10 @@ from eqlab.analyses.curvature.functional import (dot, forward, loss_function, na
                                                  value_and_grad, value_grad_hvp)
 from eqlab.analyses.identities import PASSES, output_tensor, unit_roundoff
 from eqlab.analyses.identities import rounding_model  # n, u and coarser-dtype ops of the rounding model
+from eqlab.analyses.predictions._common import FINDING_VERDICTS, finding_verdict
 from eqlab.analyses.transforms import Continuous
 
-VERDICTS = ("supported", "contradicted", "not_discriminating")
+VERDICTS = FINDING_VERDICTS
 
 
 @dataclass
@@ -81,12 +82,9 @@ class DirectionFinding:
 
     @property
     def verdict(self) -> str:
-        """A generator: supported | contradicted. A control: contradicted (it is told apart from the
-        generator, as it must be) | not_discriminating (a random direction also matches, e.g. a block
-        that is flat in every direction)."""
-        if self.control:
-            return "not_discriminating" if self.holds else "contradicted"
-        return "supported" if self.holds else "contradicted"
+        """A generator: holds | violated. A control: violated (it is told apart from the generator, as it
+        must be) | inconclusive (a random direction also matches, e.g. a block flat in every direction)."""
+        return finding_verdict(self.holds, self.control)
 
 
 def _mean(xs):

@@ -25,6 +25,7 @@ import torch
 
 from eqlab.analyses.curvature.functional import dot, norm
 from eqlab.analyses.identities import unit_roundoff
+from eqlab.analyses.predictions._common import finding_verdict
 from eqlab.analyses.predictions.flat_directions import _f, _leaves, _mean, _Point, _std
 from eqlab.analyses.transforms import Continuous
 
@@ -70,9 +71,7 @@ class AlignmentFinding:
 
     @property
     def verdict(self) -> str:
-        if self.control:
-            return "not_discriminating" if self.holds else "contradicted"
-        return "supported" if self.holds else "contradicted"
+        return finding_verdict(self.holds, self.control)
 
 
 def _sides(pt: _Point, y: dict, theta_i: float, r_i: float, xi: dict, jtg: dict, gpsi: dict | None):
