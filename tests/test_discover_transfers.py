@@ -91,6 +91,27 @@ def test_gpt2_layernorm_bias_moves_into_the_fused_qkv_and_mlp_biases(gpt2):
     assert bool(((moved["transformer.h.0.attn.c_attn.bias"] - want).abs() <= bound).all())
 
 
+def test_gpt2_layernorm_bias_gradient_identity_in_closed_form(gpt2):
+    """First order of the transfer, written out: g_β = W g_b for Conv1D's x @ W + b (every token's shift meets
+    W), and discovery checked orders 0-2 within their rounding levels; the same identity with the wrong sign
+    (g_β = −W g_b) fails by O(1)."""
+    model, loss, batch, d = gpt2
+    f = _by_source(_found(d, "ln_bias_transfer"), "transformer.h.0.ln_1.bias")
+    assert sorted(f.residuals) == [0, 1, 2] and f.residual <= f.tolerance, f.as_row()
+    m = copy.deepcopy(model)
+    L = loss(m(batch[0]), batch[1])
+    ln_b, W, b = m.transformer.h[0].ln_1.bias, m.transformer.h[0].attn.c_attn.weight, m.transformer.h[0].attn.c_attn.bias
+    g_beta, g_b = torch.autograd.grad(L, [ln_b, b])
+    rhs = W.detach() @ g_b
+    # both sides are sums over the same tokens·features of products of backward terms: within
+    # 2·γ_n(u) of their magnitudes (n = the rounding model's chain length), far under the O(1) of the wrong sign
+    from eqlab.analyses.identities import chain_length
+    mag = float((W.detach().abs() @ g_b.abs()).norm()) + float(g_beta.norm())
+    bound = 2 * gamma(chain_length(model, batch), unit_roundoff(torch.float64)) * mag
+    assert float((g_beta - rhs).norm()) <= bound, (float((g_beta - rhs).norm()), bound)
+    assert float((g_beta + rhs).norm()) > 1e3 * bound
+
+
 def test_gpt2_value_bias_moves_into_the_output_projection_bias(gpt2):
     model, loss, batch, d = gpt2
     (f,) = _found(d, "value_bias_transfer")

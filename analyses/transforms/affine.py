@@ -6,8 +6,13 @@
   projection (softmax rows sum to 1, so P(V + 1δᵀ) = PV + 1δᵀ). The generator ξ_δ(θ) = (δ, coef·W u(δ)) has a
   constant part and a part linear in the readers' weights (J_ξ ≠ 0: the second-order identity
   Hξ + J_ξᵀg = 0 has both terms); W does not move along the flow, so e^{sξ} = θ + sξ(θ) exactly.
+  Identities (analyses.identities, Ψ = 0): first order ⟨g, ξ_δ⟩ = δ·(g_β + Σ_k coef_k u_kᵀ W_kᵀ g_{b_k}) = 0 for
+  every δ, i.e. g_β = Σ_k W_kᵀ g_{b_k} (each source entry summed over the reader positions it reaches);
+  second order H ξ_δ = −J_ξᵀg with (J_ξᵀg)_{W_k} = coef_k·g_{b_k} ⊗ u_k(δ) and zero elsewhere.
 * `OffsetScaleFamily`: a diagonal scaling of θ + o instead of θ, θ → e^{sD}(θ + o) − o (Gemma's RMSNorm gain
-  enters as (1 + w): scaling the effective gain 1 + w is w → a(1 + w) − 1). ξ(θ) = D ⊙ (θ + o).
+  enters as (1 + w): scaling the effective gain 1 + w is w → a(1 + w) − 1). ξ(θ) = D ⊙ (θ + o); first order
+  Σ_terms coef·(θ + o)·g = 0 per generator ((1 + w_c) g_{w_c} = Σ W[:, c]·g_{W[:, c]}), second order
+  H ξ = −J_ξᵀg with J_ξ = D (the offset drops out of the Jacobian).
 
 Neither is a `ScaleFamily` / `TranslationFamily` subclass on purpose: code that reads those classes' conserved
 quantities (Q = θᵀDθ, ⟨v, θ⟩) or projection generators (ξ = P_kθ) must not take these for them.
