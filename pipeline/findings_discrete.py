@@ -31,7 +31,8 @@ from eqlab.analyses.predictions.discrete_saddles import (dtype_name, rounding_re
                                                           unit_groups)
 from eqlab.pipeline.study import RunSpec
 
-FINDING = ("discrete_subspace_invariance", "discrete_saddle_spectrum", "discrete_saddle_wd_threshold")
+FINDING = "discrete_saddles"  # the registry name (study [findings] include); its rows carry three finding names
+ROW_FINDINGS = ("discrete_subspace_invariance", "discrete_saddle_spectrum", "discrete_saddle_wd_threshold")
 # (prefixed: the stage's own top_k and max_iter are the alignment's) groups: unit groups per checkpoint; units:
 # dead units and duplicated pairs per group;
 # top_k: Ritz values compared at each end; max_iter: HVPs per Lanczos run (the subspace is small)
@@ -56,13 +57,13 @@ def _rows_of(p, dtype: str, reason: str) -> list[dict]:
     rows = []
     # (1) invariance of the subspace under H, over every Lanczos product
     if not inv.ratios:  # every product was 0 to rounding: the subspace is in H's null space, nothing tested
-        rows.append({**base, "finding": FINDING[0], "probes": 0, "statistic": 0.0, "statistic_std": 0.0,
+        rows.append({**base, "finding": ROW_FINDINGS[0], "probes": 0, "statistic": 0.0, "statistic_std": 0.0,
                      "predicted": 0.0, "residual": 0.0, "tolerance": 0.0, "scale": 0.0, "verdict": "inconclusive",
                      "tolerance_reason": f"all {inv.products} products H E c were 0 to rounding (4 x {reason} x "
                                          f"kappa, kappa = {s.kappa:.3g}): no direction to test{zero}{notes}"})
     else:
         w = inv.worst
-        rows.append({**base, "finding": FINDING[0], "probes": len(inv.ratios), "statistic": max(inv.ratios),
+        rows.append({**base, "finding": ROW_FINDINGS[0], "probes": len(inv.ratios), "statistic": max(inv.ratios),
                      "statistic_std": _std(inv.ratios), "predicted": 0.0, "residual": inv.ratios[w],
                      "tolerance": inv.tolerances[w], "scale": 1.0,
                      "verdict": _verdict(inv.holds, ctrl, p.degenerate),
@@ -71,7 +72,7 @@ def _rows_of(p, dtype: str, reason: str) -> list[dict]:
     # (2) the extreme eigenvalues on the subspace against the first-order block
     w, b = s.worst, s.bottom
     lanczos_note = "" if s.converged else "; Lanczos not converged in max_iter: the true residual is used"
-    rows.append({**base, "finding": FINDING[1], "probes": 2 * s.k, "rank": w, "eigenvalue": s.measured[b],
+    rows.append({**base, "finding": ROW_FINDINGS[1], "probes": 2 * s.k, "rank": w, "eigenvalue": s.measured[b],
                  "eigen_residual": s.residuals[b], "statistic": s.measured[b], "statistic_std": s.errors[b],
                  "predicted": s.predicted[b], "residual": s.misses[w], "tolerance": s.tolerances[w],
                  "scale": s.scale, "verdict": _verdict(s.holds, ctrl, p.degenerate),
@@ -93,7 +94,7 @@ def _rows_of(p, dtype: str, reason: str) -> list[dict]:
         detail = (f"gamma* = {gstar:.3e} is not above twice the tolerance {tol:.2e}: the block has no "
                   f"resolvable negative eigenvalue, so no threshold to test")
         degenerate = True
-    rows.append({**base, "finding": FINDING[2], "probes": 1, "rank": b, "eigenvalue": hi,
+    rows.append({**base, "finding": ROW_FINDINGS[2], "probes": 1, "rank": b, "eigenvalue": hi,
                  "eigen_residual": s.residuals[b], "statistic": 0.0 - lam, "statistic_std": s.errors[b],
                  "predicted": gstar, "residual": abs(lam + gstar), "tolerance": tol, "scale": max(gstar, 0.0),
                  "verdict": _verdict(ok, ctrl, degenerate),

@@ -50,7 +50,8 @@ def rounding_level(reason: str | None) -> float:
 
 
 def _sweep_key(spec: RunSpec) -> str:
-    d = {k: v for k, v in spec.__dict__.items() if k not in _SWEEP_FIELDS_IGNORED}
+    # the run's identity (a user family by file name, function and content, not by where it lies)
+    d = {k: v for k, v in spec.hash_identity().items() if k not in _SWEEP_FIELDS_IGNORED}
     return json.dumps(d, sort_keys=True, default=list)
 
 

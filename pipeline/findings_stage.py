@@ -23,7 +23,7 @@ from eqlab.analyses.discover import discover
 from eqlab.analyses.predictions.flat_directions import VERDICTS
 from eqlab.models import build_task
 from eqlab.pipeline import checkpoint as ckpt
-from eqlab.pipeline import findings_align, findings_flat
+from eqlab.pipeline import findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite
 from eqlab.pipeline.stage import Output, TaskStage
 from eqlab.pipeline.study import FindingsSpec, RunSpec
 
@@ -55,6 +55,9 @@ def _registry(*findings: Finding) -> dict[str, Finding]:
 FINDINGS: dict[str, Finding] = _registry(
     Finding.of(findings_flat, findings_flat.flat_direction_rows),
     Finding.of(findings_align, findings_align.alignment_rows),
+    Finding.of(findings_blocks, findings_blocks.block_rows),
+    Finding.of(findings_indefinite, findings_indefinite.indefinite_rows),
+    Finding.of(findings_discrete, findings_discrete.discrete_saddle_rows),
 )
 
 

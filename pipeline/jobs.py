@@ -54,10 +54,16 @@ def client(address: str):
 
 def submit(study: Study, study_file: Path, address: str, results: str) -> str:
     """Submit ``study`` (already validated); returns the job id."""
+    from eqlab.pipeline.study import user_family_files
+
+    beside = user_family_files(study, study_file)  # a StudyError here names the run before anything is sent
     c = client(address)
     staging = Path(tempfile.mkdtemp(prefix="eqlab-submit-"))
     try:
         shutil.copyfile(study_file, staging / "study.toml")
+        for src, rel in beside:  # a `file.py:FUNC` family resolves against the study file's folder
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, staging / rel)
         # `python` and `eqlab` of the cluster's environment (its image, or the venv the head was started from)
         entry = (f"python -m eqlab.pipeline.jobs --expect-version {shlex.quote(eqlab.__version__)} && "
                  f"eqlab run study.toml --address auto --results {shlex.quote(results)}")

@@ -3,8 +3,8 @@ their own results folders, and each finding's verdicts read back from the `findi
 
 `--scale small` is sized for a 2-core machine (real model families, few steps); `--scale full` is the
 cluster-size version of the same study, meant for `eqlab submit` (its expected cost is in its file). Flat
-directions and gradient–Hessian alignment come from the same per-checkpoint stage, so they share a preset:
-`all` runs each preset once.
+directions, gradient–Hessian alignment, block anisotropy, indefiniteness and the discrete saddles come from
+the same per-checkpoint stage, so they share a preset: `all` runs each preset once.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class Finding:
     finding: str     # the `finding` column its rows carry
     preset: str      # pipeline/studies/reproduce/<preset>-<scale>.toml
     tests: str       # one line: what it tests
+    also: tuple[str, ...] = ()  # further `finding` names the same rows function writes (one verdict line each)
+
+    @property
+    def row_findings(self) -> tuple[str, ...]:
+        return (self.finding, *self.also)
 
 
 FINDINGS = (
@@ -32,10 +37,24 @@ FINDINGS = (
     Finding("align", "gradient_hessian_alignment", "curvature",
             "gradient–Hessian alignment: for each top Hessian eigenpair (λ, u), ⟨u, Aᵀg⟩ against −λ⟨u, Aθ⟩; "
             "control: a random affine field on the same parameters"),
+    Finding("blocks", "block_orbit_congruence", "curvature",
+            "curvature anisotropy across blocks: each block's top eigenvalue (heads Q/K/V/O, unit groups, BN filters) "
+            "moved along a rescaling orbit by c scales by exactly c^-2 / c^2, and the log-log slope of the sharpness "
+            "ratio against the conserved norm ratio is 1 along the orbit (across heads: measured, an open question); "
+            "control: the same move on one side only", also=("block_sharpness_imbalance",)),
+    Finding("indefinite", "indefiniteness", "curvature",
+            "indefiniteness of normalised networks: a scale-invariant block with g_S != 0 has lambda_min <= "
+            "-|g_S|^2/(mu_+ |theta_S|^2) (Rayleigh-Ritz on span{theta_S, g_S}), lambda_min by Lanczos; control: the "
+            "convex classifier head (lambda_min = 0) against the same bound"),
     Finding("drift", "conservation_drift_slope", "drift",
             "conservation under real optimizers: the one-step drift ‖ΔQ‖ of each conserved quantity against the "
             "learning rate across an lr sweep, log–log slope 2 for plain SGD (the η² law), 1 for Adam and for SGD "
             "with weight decay; control: each fit against the other order"),
+    Finding("saddles", "discrete_saddle_spectrum", "curvature",
+            "discrete symmetries: at a dead unit or a duplicated pair (fixed points of a unit swap) the Hessian on "
+            "the unit's subspace is the first-order block [[0, B^T], [B, 0]] (+ M/2 for a split), invariant under "
+            "the swap, stable under L2 iff gamma > -lambda_min; control: the same statistics at trained units",
+            also=("discrete_subspace_invariance", "discrete_saddle_wd_threshold")),
 )
 BY_NAME = {f.name: f for f in FINDINGS}
 
@@ -88,23 +107,26 @@ def verdict_lines(results: Path, study, findings: list[Finding]) -> list[str]:
     """Each finding's verdict counts, prediction rows and control rows apart, read from the findings table,
     and the model families its rows are on (a study-level row's sweep stands for its runs)."""
     from eqlab.pipeline.findings_drift import sweeps
-    from eqlab.pipeline.query import run_query
 
     family = {s.run_id: s.family for s in study.runs}
     family.update({name: specs[0].family for name, specs in sweeps(study).items()})
-    lines = []
-    for f in findings:
-        _, rows = run_query(results, f"""select control, verdict, count(*) from findings
-                                          where finding = '{f.finding}' group by all order by all""")
-        _, ids = run_query(results, f"select distinct run_id from findings where finding = '{f.finding}'")
-        fams = sorted({family.get(i, "?") for (i,) in ids})
-        parts = {False: [], True: []}
-        for control, verdict, n in rows:
-            parts[bool(control)].append(f"{n} {verdict}")
-        lines.append(f"{f.name} ({f.finding}): predictions: {', '.join(parts[False]) or 'no rows'}; "
-                     f"negative controls: {', '.join(parts[True]) or 'no rows'}"
-                     + (f"; model families: {', '.join(fams)}" if fams else ""))
-    return lines
+    return [_verdict_line(results, f.name, name, family) for f in findings for name in f.row_findings]
+
+
+def _verdict_line(results: Path, cli_name: str, finding: str, family: dict) -> str:
+    from eqlab.pipeline.query import run_query
+
+    # a measurement-only row (e.g. block_sharpness) has no verdict and is not counted
+    _, rows = run_query(results, f"""select control, verdict, count(*) from findings
+                                      where finding = '{finding}' and verdict is not null group by all order by all""")
+    _, ids = run_query(results, f"select distinct run_id from findings where finding = '{finding}'")
+    fams = sorted({family.get(i, "?") for (i,) in ids})
+    parts = {False: [], True: []}
+    for control, verdict, n in rows:
+        parts[bool(control)].append(f"{n} {verdict}")
+    return (f"{cli_name} ({finding}): predictions: {', '.join(parts[False]) or 'no rows'}; "
+            f"negative controls: {', '.join(parts[True]) or 'no rows'}"
+            + (f"; model families: {', '.join(fams)}" if fams else ""))
 
 
 def results_for(base: Path | None, preset: str, several: bool) -> Path:

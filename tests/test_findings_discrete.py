@@ -160,7 +160,7 @@ def test_rows_fit_the_schema_and_carry_the_verdicts(case):
     rows = [r for p in points for r in findings_discrete._rows_of(p, "float64", "gamma_n")]
     columns = set(TABLES["findings"].names)
     assert {f for r in rows for f in r} <= columns
-    assert {r["finding"] for r in rows} == set(findings_discrete.FINDING)
+    assert {r["finding"] for r in rows} == set(findings_discrete.ROW_FINDINGS)
     for r in rows:
         assert r["verdict"] == ("violated" if r["control"] else "holds"), (name, r["transformation"], r["finding"])
         assert math.isfinite(r["statistic"]) and r["tolerance"] > 0 and r["hvps"] > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from eqlab.pipeline import cli
-from eqlab.pipeline import findings_align, findings_flat
+from eqlab.pipeline import findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite
 from eqlab.pipeline.findings_stage import DEFAULTS, FINDINGS, STAGE, Finding, findings_rows, resolved_settings
 from eqlab.pipeline.stage import Checkpoints, StageContext
 from eqlab.pipeline.study import FindingsSpec, StudyError, parse_study
@@ -33,7 +33,8 @@ def study_with(findings: dict | None):
 def test_the_registry_is_keyed_by_each_modules_finding_name():
     assert FINDINGS["flat_symmetry_direction"].rows is findings_flat.flat_direction_rows
     assert FINDINGS["gradient_hessian_alignment"].rows is findings_align.alignment_rows
-    assert list(FINDINGS) == [findings_flat.FINDING, findings_align.FINDING]
+    assert list(FINDINGS) == [m.FINDING for m in (findings_flat, findings_align, findings_blocks, findings_indefinite,
+                                                  findings_discrete)]
     assert all(f.name == n for n, f in FINDINGS.items())
 
 
@@ -156,6 +157,7 @@ def test_the_stage_runs_what_the_section_says(tmp_path):
     assert {(r["n_examples"], r["probes"]) for r in only_flat} == {(16, 1)}
     # the predictions hold and their controls are violated on this 51-parameter ReLU MLP
     assert all(r["verdict"] == ("violated" if r["control"] else "holds") for r in only_flat), only_flat
-    both = findings_rows(run, str(d), resolved_settings(FindingsSpec(examples=16, probes=1, top_k=1, max_iter=20)))
+    both = findings_rows(run, str(d), resolved_settings(FindingsSpec(
+        examples=16, probes=1, top_k=1, max_iter=20, include=("flat_symmetry_direction", "gradient_hessian_alignment"))))
     assert {r["finding"] for r in both} == {"flat_symmetry_direction", "gradient_hessian_alignment"}
     assert {r["rank"] for r in both if r["finding"] == "gradient_hessian_alignment"} == {0}  # top_k = 1

@@ -23,7 +23,7 @@ def _preset(preset, scale):
 def test_list_names_every_finding_in_one_line_each(capsys):
     assert main(["reproduce", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["flat", "align", "drift"]
+    assert [ln.split()[0] for ln in lines] == ["flat", "align", "blocks", "indefinite", "drift", "saddles"]
     for line, f in zip(lines, rp.FINDINGS):
         assert f.finding in line and "control" in line
 
