@@ -10,15 +10,16 @@ bench/results/gpu_check.md.
 Without CUDA (and without --allow-cpu) it says so and exits 2, before starting anything. Exit 1: the
 comparison failed (or its negative control passed); 0: it held.
 
-What it runs of the pipeline, unchanged: a temporary study file through `pipeline.study.load_study`,
-`pipeline.cluster.connect` (the embedded loopback cluster; Ray detects the GPUs itself),
-`pipeline.train.train_run` (Ray Train `TorchTrainer`; `use_gpu` is set there from the *driver's*
-`torch.cuda.is_available()`), the checkpoint files, `spectra.FamilySource`, `ShardedHessian` and the
-Lanczos call of `spectrum_rows` (same arguments; called directly here for its eigenvectors and error
-bounds). What it adds, because the pipeline has no GPU setting yet: a Hessian actor that asks Ray for
-`num_gpus` and moves its model to CUDA (`DeviceShard`, `DevicePool`), and where training really ran, read
-from the storage locations of the checkpoint's Adam state (`optimizer.pt` keeps the device it was
-saved from; the weights file is always written from CPU copies).
+What it runs of the pipeline, unchanged: a temporary study file through `pipeline.study.load_study`
+(with `[spectra] num_gpus = 1` on CUDA), `pipeline.cluster.connect` (the embedded loopback cluster; Ray
+detects the GPUs itself), `pipeline.train.train_run` (Ray Train `TorchTrainer`, one worker with one GPU:
+`gpus_per_worker`, the model and data on `ray.train.torch.get_device()`), the checkpoint files,
+`spectra.FamilySource`, `ShardedHessian` with the study's `num_gpus` (its actor asks Ray for the GPU and
+keeps its model there: `pipeline.devices.assigned_device`) and the Lanczos call of `spectrum_rows` (same
+arguments; called directly here for its eigenvectors and error bounds). What it adds: where each actor
+computed (`ShardedHessian.where`), and where training really ran, read from the storage locations of the
+checkpoint's Adam state (`optimizer.pt` keeps the device it was saved from; the weights file is always
+written from CPU copies).
 
 The comparison. Each Lanczos run returns, per eigenvalue θ_i of its own operator, a bound err_i =
 min(r_i, r_i²/gap_i) on |θ_i − λ_i| (true residual r_i; `analyses.curvature.lanczos`). The device's
@@ -140,61 +141,11 @@ class GpuSampler:
         return f"peak {mem:.0f} MiB used on GPU 0{base}, peak utilisation {util:.0f}%"
 
 
-# --- the device actor: the pipeline's Hessian shard, with its model on a device and a GPU from Ray --------
-
-def make_device_pool_classes():
-    """Defined on first use, after torch and Ray are imported (the no-CUDA exit imports neither)."""
-    import ray
-    import torch
-
-    from eqlab.pipeline.allocator import ONE_ARENA_ENV
-    from eqlab.pipeline.spectra import HessianShardCore, ShardedHessian
-
-    class DeviceSource:
-        """A `FamilySource` whose model is moved to ``device`` (the operator follows the parameters'
-        device: `HessianOperator` moves each micro-batch there)."""
-
-        def __init__(self, source, device: str):
-            self.source, self.device = source, device
-
-        def __call__(self, dtype):
-            model, loss, batches = self.source(dtype)
-            return model.to(self.device), loss, batches
-
-    class DeviceShardCore(HessianShardCore):
-        def where(self) -> dict:
-            p = next(self.model.parameters())
-            out = {"device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""),
-                   "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
-            if p.device.type == "cuda":
-                out.update(name=torch.cuda.get_device_name(p.device),
-                           peak_mib=torch.cuda.max_memory_allocated(p.device) / 2**20)
-            return out
-
-    DeviceShard = ray.remote(DeviceShardCore)
-
-    class DevicePool(ShardedHessian):
-        """One actor holding the whole Hessian batch on ``device``, with ``num_gpus`` from Ray."""
-
-        def __init__(self, source, device: str, dtype: str, cpus: float, num_gpus: float):
-            self.num_gpus = num_gpus
-            super().__init__(DeviceSource(source, device), 1, dtype, cpus_per_worker=cpus)
-
-        def _spawn(self, i: int):
-            return DeviceShard.options(num_cpus=self.cpus_per_worker, num_gpus=self.num_gpus,
-                                       runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
-                self.source, i, self.workers, self.dtype, self.threads, self.names)
-
-        def where(self) -> dict:
-            return ray.get(self.actors[0].where.remote())
-
-    return DevicePool
-
-
 # --- the measurements --------------------------------------------------------------------------------------
 
-def study_toml(args) -> str:
-    """A one-run study: a small GPT-2 byte-level LM on stdlib prose (the `gpt2_text` family), Adam."""
+def study_toml(args, num_gpus: float = 0.0) -> str:
+    """A one-run study: a small GPT-2 byte-level LM on stdlib prose (the `gpt2_text` family), Adam;
+    ``num_gpus``: the device pool's `[spectra] num_gpus` (the CPU reference pool asks for none)."""
     model = (f"{{ n_layer = {args.n_layer}, n_embd = {args.n_embd}, n_head = {args.n_head}, "
              f"seq_len = {args.seq_len}, n_train = {max(4 * args.examples, 128)}, n_test = 32 }}")
     return f"""[study]
@@ -210,6 +161,7 @@ dtype = "float64"
 workers = 1
 examples = {args.examples}
 microbatch = {args.examples}
+num_gpus = {num_gpus:g}
 
 [[runs]]
 name = "gpt2"
@@ -303,7 +255,7 @@ def run_check(args, on_cuda: bool, cuda_line: str) -> tuple[int, str]:
     work = Path(tempfile.mkdtemp(prefix="eqgpu"))
     try:
         study_file = work / "gpu_check.toml"
-        study_file.write_text(study_toml(args))
+        study_file.write_text(study_toml(args, 1 if on_cuda else 0))
         study = load_study(study_file)
         spec = study.runs[0]
 
@@ -318,7 +270,8 @@ def run_check(args, on_cuda: bool, cuda_line: str) -> tuple[int, str]:
 
         phase("training")
         t = time.perf_counter()
-        result = train_run(spec, work / "results", cpus_per_worker=max(1, args.cpus // 2), log=log)
+        result = train_run(spec, work / "results", cpus_per_worker=max(1, args.cpus // 2), log=log,
+                           gpus_per_worker=1.0 if on_cuda else 0.0)
         timings["training (train_run)"] = time.perf_counter() - t
         last = max(result.checkpoints)
         trained_on = sorted(saved_devices(result.checkpoints[last] / ckpt.OPTIMIZER))
@@ -339,18 +292,19 @@ def run_check(args, on_cuda: bool, cuda_line: str) -> tuple[int, str]:
         log(f"CPU float64: top-{sp.top_k} {[f'{x:.6g}' for x in ref.eigenvalues.tolist()]} in {ref.n_matvec} HVPs, "
             f"{ref_s:.1f}s ({ref_s / ref.n_matvec * 1e3:.0f} ms/HVP), dim {dim}")
 
-        DevicePool = make_device_pool_classes()
         results = {}
         for dtype in ("float64", "float32"):
             name = f"{device} {dtype}"
             phase(name)
             t = time.perf_counter()
-            pool = DevicePool(source, device, dtype, half, 1 if on_cuda else 0)
+            pool = ShardedHessian(source, 1, dtype, cpus_per_worker=half, num_gpus=sp.num_gpus)
             dev, dev_s, _ = top_pairs(pool, state, study)
             wall = time.perf_counter() - t
             shifts = rayleigh_shift(pool, cpu_pool, ref.eigenvectors)  # pool and cpu_pool hold `state`
             rows = compare(dev, ref, shifts)
-            where = pool.where()
+            where = pool.where()[0]
+            if where["device"].split(":")[0] != device:
+                raise SystemExit(f"gpu_check: the {name} actor computed on {where['device']}, not {device}")
             results[name] = {"rows": rows, "hvps": dev.n_matvec, "lanczos_s": dev_s, "wall_s": wall, "where": where}
             log(f"{name}: on {where['device']} ({where.get('name', 'CPU')}), {dev.n_matvec} HVPs, {dev_s:.1f}s "
                 f"({dev_s / dev.n_matvec * 1e3:.1f} ms/HVP); max rel diff {max(r['rel_diff'] for r in rows):.2e}, "
@@ -402,7 +356,7 @@ def run_check(args, on_cuda: bool, cuda_line: str) -> tuple[int, str]:
               f"Ray cluster {args.cpus} logical CPUs",
               f"- model: `gpt2_text` {json.dumps(spec.model)}, {dim:,} parameters; Adam 3e-3, batch 32, "
               f"{spec.steps} steps, 1 Ray Train worker; Hessian batch {sp.examples} windows of {args.seq_len} bytes",
-              f"- training: Ray Train `use_gpu={on_cuda}` (from the driver's `torch.cuda.is_available()`); "
+              f"- training: Ray Train `gpus_per_worker={1.0 if on_cuda else 0.0:g}`; "
               f"the checkpoint's Adam state was saved from **{', '.join(trained_on)}**"
               + (f"; GPU during training: {sampler.line('training')}" if sampler else ""),
               f"- verdict: **{status}** (prediction: device spectrum = CPU float64 spectrum within the allowance; "
@@ -414,7 +368,8 @@ def run_check(args, on_cuda: bool, cuda_line: str) -> tuple[int, str]:
             continue
         w = r["where"]
         lines += ["", f"## {name}: actor on `{w['device']}`" + (f" ({w['name']}, peak {w['peak_mib']:.0f} MiB "
-                  "allocated)" if "name" in w else "") + f", CUDA_VISIBLE_DEVICES={w['CUDA_VISIBLE_DEVICES']!r}",
+                  "allocated)" if "name" in w else "") + f", CUDA_VISIBLE_DEVICES={w['CUDA_VISIBLE_DEVICES']!r}, "
+                  f"Ray resources {w['resources']}",
                   "", f"{r['hvps']} HVPs in {r['lanczos_s']:.2f} s ({r['lanczos_s'] / r['hvps'] * 1e3:.1f} ms/HVP; "
                   f"CPU float64: {ref.n_matvec} HVPs, {ref_s / ref.n_matvec * 1e3:.1f} ms/HVP); pool start + "
                   f"Lanczos {r['wall_s']:.1f} s" + (f"; GPU: {sampler.line(name)}" if sampler else ""), "",

@@ -8,7 +8,8 @@ blocks), so the total cost is Σ_blocks iterations × one HVP, spread over the w
 
 Blocks are assigned largest first to the least-loaded worker (by parameter count, a proxy for
 Lanczos work). A worker that dies has its blocks rerun on a fresh actor: it holds no state that
-cannot be rebuilt from the source.
+cannot be rebuilt from the source. An actor that asked Ray for ``num_gpus`` and was assigned a GPU
+keeps its model and batches there (`pipeline.devices`), as the spectra pool's actors do.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.curvature.params import ParamSpace
 from eqlab.pipeline import interrupt
 from eqlab.pipeline.allocator import keep_freed_memory
-from eqlab.pipeline.spectra import DTYPES
+from eqlab.pipeline.devices import assigned_device, to_device
+from eqlab.pipeline.spectra import DTYPES, check_gpus, placement
 
 
 def layer_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -40,8 +42,14 @@ class BlockSpectrumWorker:
         torch.set_num_threads(threads)
         keep_freed_memory()  # allocator.py: no page faults per HVP
         self.dtype = DTYPES[dtype]
-        self.model, self.loss, self.batches = source(self.dtype)  # all micro-batches: the full data
+        self.device = assigned_device()  # its GPU when Ray assigned it one
+        model, self.loss, batches = source(self.dtype)  # all micro-batches: the full data
+        self.model, self.batches = model.to(self.device), [to_device(b, self.device) for b in batches]
         self.method = self.conv = "auto"
+
+    def where(self) -> dict:
+        """The device this worker computes on and the resources Ray assigned it (`spectra.placement`)."""
+        return placement(self.model, self.device)
 
     def spectra(self, state, blocks: dict, k: int, which: str, tol: float, max_iter: int, seed: int) -> list:
         if state is not None:
@@ -78,9 +86,11 @@ class BlockSpectraPool:
     """Actors that each own whole blocks; kept across checkpoints so a run pays their start-up once."""
 
     def __init__(self, source, workers: int = 2, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 blocks: dict[str, list[str]] | None = None, threads: int | None = None):
-        """``threads``: torch threads per actor (default: its whole CPUs, at least one)."""
-        self.source, self.dtype, self.cpus = source, dtype, cpus_per_worker
+                 blocks: dict[str, list[str]] | None = None, threads: int | None = None, num_gpus: float = 0.0):
+        """``threads``: torch threads per actor (default: its whole CPUs, at least one).
+        ``num_gpus``: GPUs each actor asks Ray for (a fraction shares one); its model then lives there."""
+        check_gpus(num_gpus, workers, "block spectra pool")
+        self.source, self.dtype, self.cpus, self.num_gpus = source, dtype, cpus_per_worker, num_gpus
         self.threads = max(1, int(cpus_per_worker)) if threads is None else threads
         model = source(DTYPES[dtype])[0]
         self.blocks = layer_blocks(model) if blocks is None else blocks
@@ -89,7 +99,12 @@ class BlockSpectraPool:
         self.actors = [self._spawn() for _ in self.plan]
 
     def _spawn(self):
-        return BlockActor.options(num_cpus=self.cpus).remote(self.source, self.dtype, self.threads)
+        return BlockActor.options(num_cpus=self.cpus, num_gpus=self.num_gpus).remote(self.source, self.dtype,
+                                                                                     self.threads)
+
+    def where(self) -> list[dict]:
+        """Each actor's device and assigned resources (`BlockSpectrumWorker.where`)."""
+        return ray.get([a.where.remote() for a in self.actors])
 
     def run(self, state: dict | None = None, k: int = 3, which: str = "LA", tol: float = 1e-8,
             max_iter: int = 200, seed: int = 0) -> list[dict]:
@@ -122,13 +137,14 @@ class BlockSpectraPool:
 
 def block_spectra(source, blocks: dict[str, list[str]] | None = None, workers: int = 2, k: int = 3,
                   which: str = "LA", tol: float = 1e-8, max_iter: int = 200, seed: int = 0,
-                  dtype: str = "float64", cpus_per_worker: float = 1.0, state: dict | None = None) -> list[dict]:
+                  dtype: str = "float64", cpus_per_worker: float = 1.0, state: dict | None = None,
+                  num_gpus: float = 0.0) -> list[dict]:
     """Top-``k`` (or bottom) eigenpairs of every block's Hessian, blocks spread over ``workers`` actors.
 
     ``blocks``: {block name: parameter names}; default `layer_blocks` of the source's model.
     Returns rows in the order of ``blocks``. (One-off: `BlockSpectraPool` keeps the actors.)
     """
-    pool = BlockSpectraPool(source, workers, dtype, cpus_per_worker, blocks)
+    pool = BlockSpectraPool(source, workers, dtype, cpus_per_worker, blocks, num_gpus=num_gpus)
     try:
         return pool.run(state, k, which, tol, max_iter, seed)
     finally:
@@ -156,7 +172,7 @@ class BlockSpectraStage(PoolStage):
         sp = ctx.study.spectra
         source = FamilySource(spec.family, spec.model, spec.seed, sp.examples, sp.microbatch)
         return BlockSpectraPool(source, sp.workers, sp.dtype, cpus_per_worker=ctx.actor_cpus(sp.workers),
-                                threads=ctx.threads(sp.workers))
+                                threads=ctx.threads(sp.workers), num_gpus=sp.num_gpus)
 
     def compute(self, ctx, pool, spec, step, state, out):
         sp = ctx.study.spectra

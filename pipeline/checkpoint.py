@@ -79,11 +79,14 @@ def weights_digest(directory: str | Path) -> str:
 
 
 def load_optimizer_state(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / OPTIMIZER, weights_only=True)
+    """Read onto the CPU whatever device it was saved from (a GPU worker's state on a CPU node, or on
+    another GPU); `torch.optim.Optimizer.load_state_dict` then moves it beside the parameters."""
+    return torch.load(Path(directory) / OPTIMIZER, map_location="cpu", weights_only=True)
 
 
 def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(directory) / WEIGHTS)
+    """The weights on the CPU (`save` writes CPU copies; safetensors' ``device`` made explicit)."""
+    return load_file(Path(directory) / WEIGHTS, device="cpu")
 
 
 def load_metrics(directory: str | Path) -> dict:

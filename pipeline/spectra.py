@@ -10,9 +10,16 @@ An actor that dies is replaced (same shard, same weights) and its product recomp
 continues with an unchanged operator. Products travel over a same-node socket beside Ray when the
 driver shares the machine with every actor (`pipeline.actor_channel`: ≈ 0.15 ms instead of ≈ 2 ms
 per call), and as Ray actor calls otherwise or after a failure.
+
+Devices: an actor asks Ray for ``num_gpus`` (``[spectra] num_gpus``; fractions share one GPU), and one
+that Ray assigned a GPU holds its model and micro-batches there (`pipeline.devices.assigned_device`), in
+the pool's dtype, float64 included; vectors travel as float64 NumPy arrays on the host either way, and
+the driver sums them on the CPU. So a GPU pool is the same operator up to rounding: its products are not
+the CPU's bits (other kernels, other summation orders) and need not repeat bit for bit from run to run.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +38,7 @@ from eqlab.analyses.curvature.slq import slq
 from eqlab.models import build_task
 from eqlab.pipeline import actor_channel, interrupt
 from eqlab.pipeline.allocator import ONE_ARENA_ENV, keep_freed_memory
+from eqlab.pipeline.devices import assigned_device, to_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -59,6 +67,28 @@ class FamilySource:
         return task.model, task.loss, microbatches((X[: self.examples], y[: self.examples]), self.microbatch)
 
 
+def placement(model: torch.nn.Module, device: torch.device) -> dict:
+    """Where an actor's model lives and what Ray assigned the actor (called inside the actor)."""
+    p = next(model.parameters())
+    out = {"device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""),
+           "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+           "resources": ray.get_runtime_context().get_assigned_resources(),
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if device.type == "cuda":
+        out.update(name=torch.cuda.get_device_name(device), peak_mib=torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
+
+
+def check_gpus(num_gpus: float, actors: int, what: str) -> None:
+    """Refuse a GPU request the connected cluster can never place (Ray would leave the actors pending)."""
+    if num_gpus <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < num_gpus:
+        raise RuntimeError(f"{what}: {actors} actor(s) asking for {num_gpus:g} GPU each, but the Ray cluster has "
+                           f"{have:g} GPUs")
+
+
 def hessian_batches(family: str, options: dict, seed: int, examples: int, microbatch: int, dtype) -> list[tuple]:
     """The fixed micro-batches that define a run's Hessian (identical on driver and actors)."""
     return FamilySource(family, options, seed, examples, microbatch)(dtype)[2]
@@ -74,8 +104,10 @@ class HessianShardCore:
         torch.set_num_threads(threads)
         keep_freed_memory()  # steady product times: a pool waits for its slowest actor (allocator.py)
         self.dtype = DTYPES[dtype]
-        self.model, self.loss, every = source(self.dtype)
-        self.batches = every[shard::n_shards]
+        self.device = assigned_device()  # its GPU when Ray assigned it one
+        model, self.loss, every = source(self.dtype)
+        self.model = model.to(self.device)  # each checkpoint's weights are copied into it (load)
+        self.batches = [to_device(b, self.device) for b in every[shard::n_shards]]  # moved once, not per load
         self.names = names
         self.method = self.conv = "auto"
         self.method_reason = self.conv_reason = ""
@@ -103,6 +135,11 @@ class HessianShardCore:
             self.method_reason, self.conv_reason = self.op.method_reason, self.op.conv_reason
         self.method, self.conv = self.op.method, self.op.conv
         return self.op.dim
+
+    def where(self) -> dict:
+        """The device this replica computes on, the resources Ray assigned it, and on a GPU its name and
+        peak allocated memory (what a test and bench/gpu_check.py read back)."""
+        return placement(self.model, self.device)
 
     def hvp_method(self) -> dict:
         """How this replica computes its products and why (recorded in the `spectra` rows)."""
@@ -132,12 +169,14 @@ class ShardedHessian:
     """Driver side of the pool: a float64 matvec summed over all shards, with actor replacement."""
 
     def __init__(self, source, workers: int, dtype: str = "float64", cpus_per_worker: float = 1.0,
-                 names=None, channel: bool = True, threads: int | None = None):
+                 names=None, channel: bool = True, threads: int | None = None, num_gpus: float = 0.0):
         """``channel``: send products of at most CHANNEL_BYTES over a same-node socket beside Ray
         (`pipeline.actor_channel`) when the driver shares a machine with every actor; Ray otherwise.
-        ``threads``: torch threads per actor (default: its whole CPUs, at least one)."""
+        ``threads``: torch threads per actor (default: its whole CPUs, at least one).
+        ``num_gpus``: GPUs each actor asks Ray for (a fraction shares one); its model then lives there."""
+        check_gpus(num_gpus, workers, "Hessian pool")
         self.source, self.workers, self.dtype = source, workers, dtype
-        self.cpus_per_worker, self.names = cpus_per_worker, names
+        self.cpus_per_worker, self.names, self.num_gpus = cpus_per_worker, names, num_gpus
         self.threads = max(1, int(cpus_per_worker)) if threads is None else threads
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
@@ -146,8 +185,13 @@ class ShardedHessian:
         self.use_channel, self.channel = channel and actor_channel.AVAILABLE, None
 
     def _spawn(self, i: int):
-        return HessianShard.options(num_cpus=self.cpus_per_worker, runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
+        return HessianShard.options(num_cpus=self.cpus_per_worker, num_gpus=self.num_gpus,
+                                    runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
             self.source, i, self.workers, self.dtype, self.threads, self.names)
+
+    def where(self) -> list[dict]:
+        """Each actor's device and assigned resources (`HessianShardCore.where`)."""
+        return self._call("where")
 
     def _call(self, method: str, *args):
         """Call ``method`` on every actor; replace any actor that died and retry its part."""

@@ -10,10 +10,12 @@ from eqlab.pipeline.study import Study
 
 
 def pool_settings(study: Study) -> dict:
-    """What every Hessian pool's rows depend on (data, shards, dtype, seed)."""
+    """What every Hessian pool's rows depend on (data, shards, dtype, seed, and the device: GPU products
+    round otherwise, so rows computed on a GPU are not taken for CPU ones, nor the other way; CPU pools
+    keep the keys they had before the setting existed)."""
     sp = study.spectra
     return {"seed": study.seed, "workers": sp.workers, "examples": sp.examples, "microbatch": sp.microbatch,
-            "dtype": sp.dtype}
+            "dtype": sp.dtype, **({"device": "cuda"} if sp.num_gpus > 0 else {})}
 
 
 def top_settings(study: Study) -> dict:
@@ -40,7 +42,7 @@ class SpectraStage(PoolStage):
         n_micro = -(-min(sp.examples, task_sizes(spec)[1]) // sp.microbatch)
         workers = min(sp.workers, n_micro)  # an actor without a micro-batch would only cost memory
         return ShardedHessian(source, workers, sp.dtype, cpus_per_worker=ctx.actor_cpus(workers),
-                              threads=ctx.threads(workers))
+                              threads=ctx.threads(workers), num_gpus=sp.num_gpus)
 
     def compute(self, ctx, pool, spec, step, state, out):
         sp, seed = ctx.study.spectra, ctx.study.seed

@@ -80,6 +80,10 @@ class SpectraSpec:
     block_top_k: int = 1  # per-block (per-layer) spectra: top eigenvalues of each H_bb; 0 = off
     density_probes: int = _CURVATURE.slq_probes  # SLQ spectral density: Rademacher probes per checkpoint; 0 = off
     density_steps: int = _CURVATURE.slq_steps    # Lanczos steps per probe (Gauss rule with that many nodes)
+    # GPUs each Hessian actor asks Ray for (spectra and block-spectra pools); 0: the CPU. Fractional
+    # shares of one GPU are allowed (several actors on one device); more than one is not (an actor
+    # computes on one device). Checked against the cluster's GPUs when the study starts (`budget.py`).
+    num_gpus: float = 0.0
 
     def __post_init__(self):
         if self.tol is None:  # a float32 study gets float32's reachable tolerance, not float64's
@@ -167,6 +171,8 @@ class Study:
         section existed keep their hash)."""
         what = {k: v for k, v in asdict(self).items() if k != "schedule"}
         what["runs"] = [r.hash_identity() for r in self.runs]
+        if self.spectra.num_gpus == 0:  # CPU spectra, as every study before the setting existed: same hash
+            del what["spectra"]["num_gpus"]
         if self.findings == FindingsSpec():
             del what["findings"]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -414,6 +420,24 @@ def _findings(table) -> FindingsSpec:
     return FindingsSpec(**sizes, include=None if include is None else tuple(include))
 
 
+GPU_QUANTUM = 1e-4  # Ray accounts resources in units of 1e-4 (pipeline/budget.py's QUANTUM)
+
+
+def _actor_gpus(sp: _Fields, default: float) -> float:
+    """``[spectra] num_gpus``: GPUs per Hessian actor, in [0, 1] and in Ray's unit. There is no ``auto``:
+    the device changes the rounding of every product (and so the rows' keys), which must follow from the
+    study file, not from the cluster it happened to run on (README, "GPUs")."""
+    if sp.table.get("num_gpus") == "auto":
+        sp.seen.add("num_gpus")
+        raise StudyError("spectra.num_gpus: 'auto' is not offered; give the GPUs per Hessian actor (e.g. 0.25, "
+                         "or 1), or 0 for the CPU (README, \"GPUs\")")
+    v = sp.float("num_gpus", default, nonnegative=True, maximum=1.0)
+    units = v / GPU_QUANTUM
+    if abs(units - round(units)) > 1e-6:  # Ray would drop the rest of a finer share without a word
+        raise StudyError(f"spectra.num_gpus: must be a multiple of Ray's resource unit {GPU_QUANTUM:g} (got {v!r})")
+    return v
+
+
 def parse_study(data: dict, source: str = "", base: str | Path | None = None) -> Study:
     """``base``: the folder a user family's relative ``FILE.py`` is taken from (the study file's; default
     the current directory)."""
@@ -443,7 +467,8 @@ def parse_study(data: dict, source: str = "", base: str | Path | None = None) ->
         dtype=sp.str("dtype", d.dtype, choices=DTYPES),
         block_top_k=sp.int("block_top_k", d.block_top_k, minimum=0, maximum=10_000),
         density_probes=sp.int("density_probes", d.density_probes, minimum=0, maximum=10_000),
-        density_steps=sp.int("density_steps", d.density_steps, minimum=1, maximum=100_000))
+        density_steps=sp.int("density_steps", d.density_steps, minimum=1, maximum=100_000),
+        num_gpus=_actor_gpus(sp, d.num_gpus))
     sp.done()
     if spectra.max_iter < spectra.top_k:
         raise StudyError("spectra.max_iter: must be >= spectra.top_k")

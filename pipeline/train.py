@@ -8,6 +8,12 @@ Resume: a run folder whose checkpoints all carry this run's training hash (and p
 is handed back to Ray Train, which restores its latest checkpoint, so a run killed mid-training goes on
 from there; a folder from another configuration is replaced. Divergence (a non-finite loss) ends the run
 at that step: it is reported, not checkpointed, and `train_run` returns it as ``diverged_at``.
+
+Devices: each worker computes on ``ray.train.torch.get_device()`` (its GPU when Ray Train gave it one,
+the CPU otherwise): the model, every minibatch, the evaluation batches and the all-reduced numbers live
+there; the minibatch indices are drawn on the CPU, so the run's data order is the same on any device.
+Checkpoint weights are written from CPU copies; the optimizer state keeps the device it was saved from
+and is read back onto the CPU first, so a run started on a GPU resumes on a CPU node and back.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ from eqlab.models import build_task
 from eqlab.models.losses import accuracy
 from eqlab.pipeline import checkpoint as ckpt
 from eqlab.pipeline import interrupt
+from eqlab.pipeline.devices import to_device
 from eqlab.pipeline.hashing import config_hash
 from eqlab.pipeline.study import RunSpec
 
@@ -46,11 +53,13 @@ class TrainResult:
     diverged_at: int | None = None     # first step whose training loss (or weights) was not finite
 
 
-def _all_ranks_mean(value: float, world: int, stop: bool = False) -> tuple[float, bool]:
+def _all_ranks_mean(value: float, world: int, stop: bool = False,
+                    device: torch.device | None = None) -> tuple[float, bool]:
     """The mean over ranks of one number (NaN or inf anywhere makes it non-finite on every rank, so the
     ranks agree on divergence as they must: one would otherwise skip a report barrier), and whether any
-    rank was asked to stop (carried in the same all-reduce, so every rank stops after the same step)."""
-    t = torch.tensor([value, 1.0 if stop else 0.0], dtype=torch.float64)
+    rank was asked to stop (carried in the same all-reduce, so every rank stops after the same step).
+    ``device``: the worker's (NCCL reduces CUDA tensors only; gloo CPU ones)."""
+    t = torch.tensor([value, 1.0 if stop else 0.0], dtype=torch.float64, device=device)
     if world > 1:
         import torch.distributed as dist
 
@@ -64,9 +73,9 @@ def _grad_norm(model) -> float:
     return math.sqrt(float(sum(sq))) if sq else 0.0
 
 
-def _all_ranks_finite(value: float, world: int) -> bool:
+def _all_ranks_finite(value: float, world: int, device: torch.device | None = None) -> bool:
     """Whether every rank saw a finite loss (ranks must agree, or one would skip a report barrier)."""
-    ok = torch.tensor([1.0 if math.isfinite(value) else 0.0])
+    ok = torch.tensor([1.0 if math.isfinite(value) else 0.0], device=device)
     if world > 1:
         import torch.distributed as dist
 
@@ -88,7 +97,8 @@ def minibatch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Te
 
 
 def evaluate(task, model) -> dict:
-    """Losses and accuracies in eval mode, plus the full-train-set gradient norm in train mode."""
+    """Losses and accuracies in eval mode, plus the full-train-set gradient norm in train mode (the
+    task's batches on the model's device: `train_loop` moves them once)."""
     with torch.no_grad():
         model.eval()
         out_tr, out_te = model(task.train[0]), model(task.test[0])
@@ -109,6 +119,7 @@ def train_loop(config: dict) -> None:
     loop resumes from the latest reported checkpoint (weights and optimizer state): minibatches are a
     function of (seed, step), so the resumed run is the same run."""
     import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     spec = RunSpec(**{**config["spec"], "checkpoint_steps": tuple(config["spec"]["checkpoint_steps"])})
@@ -116,17 +127,22 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = build_task(spec.family, spec.model, seed=spec.seed)
+    device = ray.train.torch.get_device()  # this worker's GPU when Ray Train gave it one, else the CPU
+    # the data once on the device (the families' data sets are small); the same tensors on the CPU
+    task = replace(task, model=task.model.to(device), train=to_device(task.train, device),
+                   test=to_device(task.test, device))
     plain = task.model
-    opt = make_optimizer(spec, plain.parameters())
+    opt = make_optimizer(spec, plain.parameters())  # after the move: its state lives beside the parameters
     start, restored = 0, ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             if ckpt.diverged_at(d) is not None:  # a rerun of a run that diverged: nothing more to train
                 return
-            plain.load_state_dict(ckpt.load_state(d))
-            opt.load_state_dict(ckpt.load_optimizer_state(d))
+            plain.load_state_dict(ckpt.load_state(d))  # copied into the parameters, wherever they are
+            opt.load_state_dict(ckpt.load_optimizer_state(d))  # read on the CPU, moved to the parameters'
             start = ckpt.load_metrics(d)["step"]
-    model = ray.train.torch.prepare_model(plain) if world > 1 else plain  # DDP over gloo on CPUs
+    # DDP over gloo on CPUs, NCCL on GPUs; the model is on its device already
+    model = ray.train.torch.prepare_model(plain, move_to_device=False) if world > 1 else plain
     X, y = task.train
     stop_file = config.get("stop_file")
     checkpoints = set(spec.checkpoint_steps)
@@ -134,7 +150,8 @@ def train_loop(config: dict) -> None:
     for step in range(start, spec.steps + 1):
         if step in checkpoints and not (restored is not None and step == start):
             metrics = {"step": step, **(evaluate(task, plain) if rank == 0 else {})}
-            finite = _all_ranks_finite(metrics.get("train_loss", 0.0) + metrics.get("param_norm", 0.0), world)
+            finite = _all_ranks_finite(metrics.get("train_loss", 0.0) + metrics.get("param_norm", 0.0), world,
+                                       device)
             if not finite:  # diverged weights are not a checkpoint anyone should analyse
                 return _report_divergence(step, rank, config["train_hash"])
             with tempfile.TemporaryDirectory() as d:
@@ -152,13 +169,13 @@ def train_loop(config: dict) -> None:
             break
         _inject_failure(config, step)
         _inject_pause(config, step)
-        idx = minibatch_indices(len(y), spec.batch_size, spec.seed, step)[rank::world]
+        idx = minibatch_indices(len(y), spec.batch_size, spec.seed, step)[rank::world].to(device)
         model.train()
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model(X[idx]), y[idx])
         # rank 0 looks for the study's stop file (Ctrl-C in the driver: pipeline/interrupt.py)
         mean_loss, stop = _all_ranks_mean(float(loss), world, rank == 0 and stop_file is not None
-                                          and os.path.exists(stop_file))
+                                          and os.path.exists(stop_file), device)
         if stop:  # the checkpoints reported so far are whole and listed: a rerun resumes from the last
             return
         if not math.isfinite(mean_loss):
@@ -279,14 +296,36 @@ def _interruptible(base):
     return Interruptible
 
 
+def default_gpus_per_worker(workers: int) -> float:
+    """Without a budget (`budget.RunShare.per_train_worker_gpus`): a whole GPU per worker where the
+    connected cluster has one for each, else the CPU."""
+    from eqlab.pipeline.budget import RunShare, cluster_gpus
+
+    return RunShare(cpus=0.0, overlap=False, gpus=cluster_gpus()).per_train_worker_gpus(workers)
+
+
+def scaling(workers: int, cpus_per_worker: float, gpus_per_worker: float):
+    """Ray Train's `ScalingConfig`: ``gpus_per_worker`` > 0 makes every worker a GPU worker (NCCL)."""
+    from ray.train import ScalingConfig
+
+    if not 0 <= gpus_per_worker <= 1 or (workers > 1 and 0 < gpus_per_worker < 1):
+        raise ValueError(f"gpus_per_worker: a whole GPU per worker, or a fraction of one for a single worker "
+                         f"(NCCL refuses two ranks on one device); got {gpus_per_worker:g} for {workers} workers")
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+
+
 def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=print, max_failures: int = 3,
-              inject: dict | None = None, prepared: bool = False) -> TrainResult:
+              inject: dict | None = None, prepared: bool = False,
+              gpus_per_worker: float | None = None) -> TrainResult:
     """Train one run on the connected Ray cluster; returns its checkpoints (and the step it diverged at).
     A failed worker group is restarted up to ``max_failures`` times and resumes from its last checkpoint.
     ``prepared``: the caller already ran `prepare_run_dir` (it reads checkpoints while this trains).
+    ``gpus_per_worker``: GPUs each Ray Train worker asks for (0: train on CPUs); None:
+    `default_gpus_per_worker` (a study passes its run's budget, `budget.RunShare`).
     Runs in any thread; in the main thread a Ctrl-C aborts it directly (`_interruptible`), elsewhere
     through `pipeline.interrupt` (the stop file)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer as RayTorchTrainer
 
     TorchTrainer = _interruptible(RayTorchTrainer)
@@ -297,14 +336,15 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     storage = Path(storage).resolve()
     run_dir = storage / spec.run_id
     thash = train_hash(spec)
+    gpus = default_gpus_per_worker(spec.train_workers) if gpus_per_worker is None else gpus_per_worker
     if not prepared:
         prepare_run_dir(run_dir, thash, log)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": asdict(spec), "threads": max(1, int(cpus_per_worker)), "train_hash": thash,
                            "stop_file": str(storage / interrupt.STOP_FILE), **(inject or {})},
-        scaling_config=ScalingConfig(num_workers=spec.train_workers, use_gpu=torch.cuda.is_available(),
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        # GPUs from the cluster's resources (the budget's), never from whether the driver sees CUDA
+        scaling_config=scaling(spec.train_workers, cpus_per_worker, gpus),
         run_config=RunConfig(name=spec.run_id, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -315,7 +355,8 @@ def train_run(spec: RunSpec, storage: Path, cpus_per_worker: float = 1.0, log=pr
     watcher = threading.Thread(target=_watch, args=(run_dir, spec, stop, log), daemon=True)
     t0 = time.time()
     log(f"[train] {spec.run_id}: {spec.family}, {spec.optimizer} lr={spec.lr}, {spec.steps} steps on "
-        f"{spec.train_workers} Ray Train worker(s); checkpoints at {list(spec.checkpoint_steps)}")
+        f"{spec.train_workers} Ray Train worker(s){f' with {gpus:g} GPU each' if gpus else ''}; "
+        f"checkpoints at {list(spec.checkpoint_steps)}")
     watcher.start()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)

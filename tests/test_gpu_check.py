@@ -48,6 +48,19 @@ def test_defaults_parse_and_the_study_has_the_control_checkpoint():
     assert f"checkpoint_steps = [{args.steps - 1}, {args.steps}]" in toml and "train_workers = 1" in toml
 
 
+@pytest.mark.parametrize("num_gpus", [0, 1])
+def test_the_device_pool_asks_through_the_studys_own_num_gpus_setting(num_gpus):
+    """The check's study file carries `[spectra] num_gpus` (1 on CUDA, 0 with --allow-cpu), parsed by the
+    pipeline's own loader: the device pool is the pipeline's ShardedHessian with that setting, no subclass."""
+    import tomllib
+
+    from eqlab.pipeline.study import parse_study
+
+    study = parse_study(tomllib.loads(gpu_check.study_toml(gpu_check.parse_args([]), num_gpus)))
+    assert study.spectra.num_gpus == num_gpus and study.spectra.workers == 1
+    assert not hasattr(gpu_check, "make_device_pool_classes")
+
+
 def test_saved_devices_reads_where_the_state_was_saved_from(tmp_path, monkeypatch):
     """A CPU-saved Adam state says cpu; one saved from a GPU says cuda:0 even on a machine without one
     (the location tag is faked at save time, which is all torch.save records of the device)."""
