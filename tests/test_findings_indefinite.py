@@ -178,7 +178,9 @@ def test_unconverged_lanczos_widens_the_tolerance_instead_of_faking_a_violation(
     assert "NOT converged" in short.tolerance_reason
     # three steps leave the Ritz value above the bound; the residual-widened tolerance keeps the verdict
     assert short.lambda_min > short.bound and short.verdict == "holds"
-    assert short.bound == pytest.approx(full.bound, rel=1e-12)  # the bound does not depend on Lanczos
+    # the bound does not depend on Lanczos: the same gradient and HVP in both calls, so equal up to the rounding
+    # of the 2x2 Rayleigh-Ritz solve (a few operations, each <= u relative): 16 u
+    assert short.bound == pytest.approx(full.bound, rel=16 * torch.finfo(torch.float64).eps)
 
 
 def test_rows_fit_the_findings_schema_and_a_model_without_scale_invariance_has_none():

@@ -21,6 +21,7 @@ from eqlab.pipeline import cli
 from eqlab.pipeline.hashing import config_hash, file_digest
 from eqlab.pipeline.study import RunSpec, StudyError, load_study, parse_study
 from eqlab.pipeline.train import train_hash
+from tiny_study import tiny_study_head
 
 F64 = torch.float64
 
@@ -42,29 +43,12 @@ def make(hidden=6, n=64, seed=0, declare=True):
     return out
 '''
 
-STUDY = '''
-[study]
-name = "userfam"
-[ray]
-num_cpus = 2
-[spectra]
-top_k = 1
-tol = 1e-4
-max_iter = 30
-workers = 1
-examples = 32
-microbatch = 32
-block_top_k = 0
-density_probes = 0
-[identities]
-dtypes = ["float64"]
-examples = 16
-probes = 1
-[findings]
+STUDY = tiny_study_head("userfam") + '''[findings]
 examples = 32
 probes = 1
 top_k = 2
 max_iter = 30
+include = ["flat_symmetry_direction", "gradient_hessian_alignment"]   # the two the assertions are about
 [[runs]]
 name = "mlp"
 family = "{family}"

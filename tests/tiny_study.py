@@ -1,6 +1,6 @@
 """The smallest study that runs every stage once: for tests that start `eqlab run` as a real process."""
 
-TOML = """
+HEAD = """
 [study]
 name = "{name}"
 seed = 0
@@ -19,7 +19,8 @@ density_probes = 0
 dtypes = ["float64"]
 examples = 16
 probes = 1
-[[runs]]
+"""
+TOML = HEAD + """[[runs]]
 name = "cnn"
 family = "digits_cnn"
 model = {{ channels = [2, 4], hidden = 8, bn_eps = 1e-20 }}
@@ -33,3 +34,8 @@ n_checkpoints = 2
 
 def tiny_study(name: str) -> str:
     return TOML.format(name=name)
+
+
+def tiny_study_head(name: str) -> str:
+    """Every section but the runs: for tests that bring their own run (and maybe more sections)."""
+    return HEAD.format(name=name)
