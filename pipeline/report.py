@@ -151,7 +151,8 @@ def _table(columns: list[str], rows: list[list], cls: str = "", verdict_col: int
         cells = []
         for j, v in enumerate(r):
             if j == verdict_col:
-                slug = "".join(ch if ch.isalnum() or ch == "_" else "-" for ch in str(v))
+                # a measurement-only row has no verdict (NULL): an empty cell, class "v-"
+                slug = "".join(ch if ch.isalnum() or ch == "_" else "-" for ch in ("" if v is None else str(v)))
                 title = f' title="{esc(titles[i])}"' if titles and titles[i] else ""
                 cells.append(f'<td class="verdict v-{esc(slug)}"{title}>{esc(v)}</td>')
             elif isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -364,10 +364,12 @@ VERDICT_MARK = {"holds": ("o", "#2ca02c"), "violated": ("X", "#d62728"), "inconc
 def finding(name: str, rows: list[dict]) -> Figure | None:
     """One finding: measured statistic against the theory's prediction (left, y = x dashed), and each row's
     |measured − predicted| over its tolerance along training (right, 1 dashed); symmetries filled,
-    negative controls hollow, coloured by verdict."""
-    rows = [r for r in rows if r["statistic"] is not None and r["predicted"] is not None]
+    negative controls hollow, coloured by verdict. A finding of measurements only (no prediction, e.g.
+    block_sharpness) is drawn as its statistic over training instead."""
+    measured = [r for r in rows if r["statistic"] is not None]
+    rows = [r for r in measured if r["predicted"] is not None]
     if not rows:
-        return None
+        return _measurements(name, measured) if measured else None
     ratio_of = lambda r: r["residual"] / r["tolerance"] if r["tolerance"] and r["residual"] is not None else np.nan  # noqa: E731
     floor = zero_floor([ratio_of(r) for r in rows])
     fig = Figure(figsize=(12.5, 4.4), layout="constrained")
@@ -395,6 +397,25 @@ def finding(name: str, rows: list[dict]) -> Figure | None:
     a2.set_xlabel("step")
     a2.set_ylabel("|measured − predicted| / tolerance")
     a2.set_title(text(f"{name}: over training (all runs)"))
+    return fig
+
+
+def _measurements(name: str, rows: list[dict]) -> Figure:
+    """A finding without a prediction: each transformation's statistic against the step, one line each."""
+    fig = Figure(figsize=(12.5, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for (run, tr), pts in sorted(_by(rows, "run_id", "transformation").items()):
+        pts = sorted(pts, key=lambda r: r["step"])
+        ax.plot(np.array([r["step"] for r in pts], float), [r["statistic"] for r in pts], marker="o", ms=3, lw=1,
+                alpha=0.7, label=text(f"{run}: {tr}"))
+    ax.set_xscale("symlog", linthresh=1)
+    pos = [abs(r["statistic"]) for r in rows if r["statistic"] and math.isfinite(r["statistic"])]
+    ax.set_yscale("symlog", linthresh=min(pos) if pos else 1.0)  # sharpness spans decades across blocks
+    ax.set_xlabel("step")
+    ax.set_ylabel("measured statistic")
+    ax.set_title(text(f"{name}: measured over training (no prediction)"))
+    if len(ax.get_lines()) <= 12:
+        ax.legend(fontsize=6)
     return fig
 
 
