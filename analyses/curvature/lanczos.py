@@ -316,7 +316,10 @@ def lanczos(matvec: Callable[[Tensor], Tensor] | None, dim: int, k: int = 5, whi
                 worst = float(evals[_select(evals, k, side)[-1]])
                 margin = max(ref_b, 16 * eps * scale, tol * scale if rtol is None else 0.0)
                 missed |= (worst > ref + margin) if side == "LA" else (worst < ref - margin)
-            if missed and max_iter - m >= min(n_wanted, dim):
+            # Restart only where it can pay: a union allowed to fill the space ends exact (m == dim), and a
+            # restart rebuilds the whole run, so with less budget left than spent so far it cannot finish.
+            # (A restart from one vector also sees a multiple eigenvalue once: it cannot resolve copies.)
+            if missed and max_iter < dim and max_iter - m >= max(m, min(n_wanted, dim)):
                 break
             missed = False
         if enough and (broke or m >= min_iter):
