@@ -47,9 +47,11 @@ def identity_rows(spec: RunSpec, checkpoint_dir: str, identities: IdentitiesSpec
     task.model.train()  # the training objective: BatchNorm with batch statistics, dropout is off
     X, y = task.train
     batch = (X[: identities.examples], y[: identities.examples])
-    # Every transformation found, verified or broken (its violation is the measurement), plus controls.
+    # Every transformation found, verified or broken (its violation is the measurement), plus the controls
+    # of every family found (bias transfers, layer scales and offset gains included).
     found = discover(task.model, task.loss, batch)
-    transformations = [f.transformation for f in found.found] + list(negative_controls(task.model, task.loss, batch))
+    transformations = [f.transformation for f in found.found] + list(
+        negative_controls(task.model, task.loss, batch, all_families=True))
     rows = [{"transformation": line.split(":", 1)[0], "symmetry": line.split(":", 1)[0], "kind": "declared",
              "order": -1, "params": [], "n_generators": 0, "control": False, "dtype": "float64",
              "residual": float("nan"), "tolerance": float("nan"), "holds": False, "hvps": 0,

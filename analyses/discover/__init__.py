@@ -19,6 +19,7 @@ import torch
 
 from eqlab.analyses.discover import (attention, explain, gated, homogeneity, layer_scale, offset_gain, residual,
                                      transfers)
+from eqlab.analyses.discover.algebra import Cause
 from eqlab.analyses.discover.graph import trace
 from eqlab.analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
                                         rescales, sign_flips, softmax_translations,
@@ -109,7 +110,18 @@ def candidates(model, loss, batch, trace_examples: int = 4):
     found = (softmax_translations(graph) + batchnorm_scales(graph) + rescales(graph, pairs)
              + gated.gated_units(graph) + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
              + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph) + moved + scales)
-    return _unique_names(found), negative_controls_from(graph, pairs)
+    return _as_controls(_unique_names(found)), negative_controls_from(graph, pairs)
+
+
+def _as_controls(found):
+    """A candidate that a hard cause breaks (the op algebra: GELU is not homogeneous; a shared weight's other
+    use; a softcap) is proposed so that its violation is measured, but it is known not to be a symmetry:
+    it is a control (``expected=False``), so the identity checks record it as one (``control``, verdict
+    rejected / not_discriminating), never as a symmetry that is ``violated``."""
+    for c in found:
+        if any(isinstance(cv, Cause) and not cv.soft for cv in c.caveats):
+            c.transformation.expected = False
+    return found
 
 
 def affine_family_controls(cands) -> list[Transformation]:
@@ -134,7 +146,7 @@ def negative_controls(model, loss, batch, trace_examples: int = 4, all_families:
     """Transformations that look like the discovered ones but are not symmetries (wrong-sign ReLU
     rescale, a one-class logit shift). ``expected=False``: checks report ``ok`` when they are rejected.
     ``all_families``: also those of the bias transfers, layer scales and offset gains
-    (`affine_family_controls`; off by default so that the pipeline's control rows keep their count)."""
+    (`affine_family_controls`; the identities stage asks for them)."""
     cands, controls = candidates(model, loss, batch, trace_examples)
     return controls + (affine_family_controls(cands) if all_families else [])
 
