@@ -45,7 +45,9 @@ FINDINGS = (
     Finding("indefinite", "indefiniteness", "curvature",
             "indefiniteness of normalised networks: a scale-invariant block with g_S != 0 has lambda_min <= "
             "-|g_S|^2/(mu_+ |theta_S|^2) (Rayleigh-Ritz on span{theta_S, g_S}), lambda_min by Lanczos; control: the "
-            "convex classifier head (lambda_min = 0) against the same bound"),
+            "convex classifier head (lambda_min = 0) against the same bound; the full Hessian's lambda_min against "
+            "the sharpest block bound, and its SLQ negative share tr(H-)/tr|H| next to |g_S| (a measurement)",
+            also=("indefinite_hessian_min",)),
     Finding("drift", "conservation_drift_slope", "drift",
             "conservation under real optimizers: the one-step drift ‖ΔQ‖ of each conserved quantity against the "
             "learning rate across an lr sweep, log–log slope 2 for plain SGD (the η² law), 1 for Adam and for SGD "

@@ -39,6 +39,40 @@ Tolerance of `λ̂_min − bound` (one-sided: the row holds when λ̂_min ≤ bo
 * the bound's terms: ρ comes from one HVP, whose rounding is the I2 bound 4·γ_n(u)·(‖Hg_S‖/‖g_S‖ + ‖H‖)
   contracted with the unit e₂ (flat_directions.py), and |∂μ₋/∂ρ| ≤ 1; b² carries the forward + backward
   rounding 2·γ_n(u) of g twice (a square), and |∂μ₋/∂b²| = 1/√(ρ² + 4b²).
+
+The whole Hessian (`hessian_indefiniteness`, one row pair per checkpoint). What the theory predicts there,
+in our words: R8 says the *full* H is indefinite as soon as one scale-invariant block has g_S ≠ 0, and the
+same Rayleigh–Ritz argument on span{θ_S, g_S} (both supported on S, so R is the same matrix) bounds the
+full λ_min(H) ≤ λ_min(H_PP) ≤ min over the blocks of μ₋: that is a prediction with a verdict, tested by
+a Lanczos run on the full operator (random start, so it is not built from θ_S). The theory does NOT predict
+how much of the spectrum is negative: "at least one eigenvalue" (mass ≥ 1/dim) is below what random-probe
+SLQ can resolve, and §6(f) lists the negative mass against ‖g_S‖ as what a study can add. So the SLQ
+negative mass is a measurement (predicted NULL, verdict NULL) stored next to ‖g_S‖ (the gradient norm on
+the union of the scale-invariant blocks), for the across-checkpoint relation.
+
+The negative mass and its error bound. ``probes`` Rademacher probes v (‖v‖² = dim), ``steps`` Lanczos steps
+each (`analyses.curvature.slq`): Gauss nodes x₁ < … < x_m with weights w_i (cumulative C_j = Σ_{i≤j} w_i)
+of the probe's spectral measure ν_v = Σ_i (u_iᵀv)²/dim δ_{λ_i}. The Chebyshev–Markov–Stieltjes inequalities
+of Gauss quadrature bound ν_v's distribution function F_v(t) = ν_v((−∞, t)) at every t, with no smoothness:
+
+    C_{k−1} ≤ F_v(t) ≤ C_{k+1}   for x_k < t ≤ x_{k+1}   (C_{−1} = C_0 = 0, C_{m+1} = 1).
+
+* The statistic is the negative share N = tr(H₋)/tr|H| (H₋ = the negative part; 0 for a PSD H, 1/2 for a
+  symmetric spectrum). Its numerator per probe is ∫λ₋ dν_v = ∫_{a}^{0} F_v(t) dt (layer cake; a ≤ λ_min),
+  so integrating the bracket above gives an exact enclosure of it, and tr|H| = tr H + 2 tr H₋ with
+  ∫λ dν_v = vᵀHv/dim exact in the quadrature (degree 1). The enclosure is tight where it matters: the
+  large atom of exact zero eigenvalues (data rank, symmetries) contributes ≤ its weight × the distance of
+  its node from 0. a = λ̂_min − its Lanczos error (certified when that run converged and was verified).
+  Rounding: every product is off by ≤ τ = 8·γ_n(u)·‖H‖ on a unit vector (twice the I2 bound
+  4γ_n(u)(‖Hv‖ + ‖H‖)), so eigenvalues move by ≤ τ (Weyl) and the 1-Lipschitz λ₋ by ≤ τ: added to the bounds.
+* The fraction of negative eigenvalues F(−τ) = #{λ < −τ}/dim is reported too (only eigenvalues below −τ
+  are certainly negative: an exact null eigenvalue is computed anywhere in [−τ, τ]), with the same bracket
+  at t = −τ. It is ill-conditioned on a Hessian with a null space: the atom at 0 sits on the node next to
+  −τ, and the quadrature cannot say on which side of −τ its weight lies (its bracket is honestly wide,
+  0.1–0.9 on the test's BN CNN where eigh says 0.22), which is why the share is the row's statistic.
+* Monte Carlo: E ν_v = the normalised spectrum, Var vᵀf(H)v/dim = 2(‖f(H)‖_F² − Σ_i f(H)_ii²)/dim² for
+  Rademacher probes; the probes' spread is ``statistic_std``. The row's ``tolerance`` is the quadrature +
+  rounding half-width of the pooled enclosure, not the Monte Carlo error.
 """
 from __future__ import annotations
 
@@ -49,6 +83,7 @@ import torch
 
 from eqlab.analyses.curvature.functional import loss_function, named_params, value_and_grad
 from eqlab.analyses.curvature.lanczos import lanczos
+from eqlab.analyses.curvature.slq import slq
 from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.identities import PASSES, rounding_model, unit_roundoff
 from eqlab.analyses.transforms import Continuous
@@ -233,3 +268,172 @@ def indefiniteness_findings(model, loss, batch, transformations, max_iter: int =
         if f is not None:
             out.append(f)
     return out
+
+
+def cms_bracket(nodes, weights, t: float) -> tuple[float, float, float]:
+    """(F_Q, lower, upper) at t of one probe's Gauss rule: F_Q = Σ_{x_i < t} w_i and the
+    Chebyshev–Markov–Stieltjes bracket [C_{k−1}, C_{k+1}] of the probe's measure below t (module doc)."""
+    k = int((nodes < t).sum())
+    C = [0.0] + list(map(float, weights.cumsum()))
+    return C[k], C[max(k - 1, 0)], min(C[min(k + 1, len(C) - 1)], 1.0)
+
+
+def negative_part_bracket(nodes, weights, a: float) -> tuple[float, float, float]:
+    """(Gauss value Σ w_i max(−x_i, 0), lower, upper) of ∫λ₋ dν for a measure supported on [a, ∞):
+    ∫_a^0 of the CMS bracket of F (module doc), piecewise constant between nodes."""
+    x = [float(v) for v in nodes]
+    C = [0.0] + list(map(float, weights.cumsum()))
+    m = len(x)
+    gauss = float(sum(w * max(-xi, 0.0) for xi, w in zip(x, map(float, weights))))
+    edges = [min(a, x[0])] + [xi for xi in x if xi < 0] + [0.0]
+    lo = hi = 0.0
+    for k in range(len(edges) - 1):  # on (edges[k], edges[k+1]] exactly k nodes lie below t
+        width = edges[k + 1] - edges[k]
+        lo += width * C[max(k - 1, 0)]
+        hi += width * min(C[min(k + 1, m)], 1.0)
+    return gauss, lo, hi
+
+
+def scale_invariant_union(space, theta_dict: dict, transformations) -> torch.Tensor | None:
+    """0/1 mask of the union of every projection generator of the verified scale families (None: none)."""
+    mask = None
+    for t in transformations:
+        if not isinstance(t, Continuous) or not projection_generators(t):
+            continue
+        D = t.field({n: theta_dict[n] for n in t.params}, torch.ones(t.n_generators, dtype=torch.float64))
+        full = {n: torch.zeros_like(theta_dict[n]) for n in space.names}
+        full.update({n: (x != 0).to(theta_dict[n].dtype) for n, x in D.items()})
+        m = space.flatten(full).double()
+        mask = m if mask is None else torch.maximum(mask, m)
+    return mask
+
+
+@dataclass
+class ProbeMass:
+    """One SLQ probe: ∫λ₋ dν_v with its enclosure, ∫λ dν_v (exact), and the fraction below −τ bracketed."""
+    neg: float
+    neg_lower: float
+    neg_upper: float
+    mean: float
+    frac: float
+    frac_lower: float
+    frac_upper: float
+
+    def share(self, neg: float) -> float:
+        den = self.mean + 2 * neg
+        return neg / den if den > 0 else 0.0
+
+
+@dataclass
+class HessianIndefiniteness:
+    """The whole Hessian at one θ: its bottom Lanczos eigenvalue against the blocks' sharpest bound, and
+    its SLQ negative share next to ‖g_S‖ of the scale-invariant blocks."""
+    dim: int
+    lambda_min: float
+    lambda_min_residual: float
+    lambda_min_error: float
+    lambda_max: float
+    converged: bool
+    bound: float | None           # min over the blocks' μ₋ (None: no scale-invariant block had a row)
+    bound_block: str | None
+    bound_rounding: float
+    lanczos_hvps: int
+    tau: float                    # rounding of one unit product: eigenvalues below −τ count as negative
+    steps: int
+    probe_masses: list            # ProbeMass per probe
+    smallest_node: float          # min over probes of x₁ (≥ λ_min: a Ritz value)
+    slq_hvps: int
+    grad_s_norm: float            # ‖g_S‖ on the union of the scale-invariant blocks
+    theta_s_norm: float
+    dtype: str = "float64"
+
+    @property
+    def probes(self) -> int:
+        return len(self.probe_masses)
+
+    def _pooled(self, attr: str) -> float:
+        return sum(getattr(p, attr) for p in self.probe_masses) / self.probes
+
+    @property
+    def negative_part(self) -> tuple[float, float, float]:
+        """tr(H₋)/dim: (estimate, lower, upper), rounding τ included in the ends."""
+        return self._pooled("neg"), max(self._pooled("neg_lower") - self.tau, 0.0), self._pooled("neg_upper") + self.tau
+
+    @property
+    def share(self) -> tuple[float, float, float]:
+        """N = tr(H₋)/tr|H|: (estimate, lower, upper); x/(tr H/dim + 2x) is monotone in x = tr(H₋)/dim at
+        fixed tr H (exact in the quadrature), so the ends are N at the ends of tr(H₋)'s enclosure."""
+        mean = self._pooled("mean")
+        n, lo, hi = self.negative_part
+
+        def N(x):
+            den = mean + 2 * x
+            return x / den if den > 0 else 0.0
+        return N(n), min(N(lo), N(hi)), max(N(lo), N(hi))
+
+    @property
+    def share_std(self) -> float:
+        """Spread of the per-probe shares (sample std; 0 for one probe): the Monte Carlo error's scale."""
+        v = [p.share(p.neg) for p in self.probe_masses]
+        if len(v) < 2:
+            return 0.0
+        m = sum(v) / len(v)
+        return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+    @property
+    def fraction(self) -> tuple[float, float, float]:
+        """F(−τ) = #{λ < −τ}/dim: (estimate, lower, upper)."""
+        return self._pooled("frac"), self._pooled("frac_lower"), self._pooled("frac_upper")
+
+    @property
+    def residual(self) -> float | None:
+        return None if self.bound is None else self.lambda_min - self.bound
+
+    @property
+    def tolerance(self) -> float:
+        return self.lambda_min_error + self.bound_rounding
+
+    @property
+    def verdict(self) -> str | None:
+        if self.bound is None:
+            return None
+        return "holds" if self.residual <= self.tolerance else "violated"
+
+
+def slq_negative_mass(op: HessianOperator, probes: int, steps: int, seed: int, a: float,
+                      tau: float) -> tuple[list[ProbeMass], float, int]:
+    """Per Rademacher probe of `slq` on ``op``: ∫λ₋ dν_v enclosed on [a, 0] (a ≤ λ_min), ∫λ dν_v and the
+    fraction below −τ bracketed; also the smallest Gauss node and the products used."""
+    res = slq(op.matvec, op.dim, steps=min(steps, op.dim), probes=probes, seed=seed, dtype=torch.float64)
+    per, smallest = [], math.inf
+    for alphas, (nodes, weights) in zip(res.alphas, res.quadrature()):
+        neg, nlo, nhi = negative_part_bracket(nodes, weights, a)
+        frac, flo, fhi = cms_bracket(nodes, weights, -tau)
+        per.append(ProbeMass(neg, nlo, nhi, float(alphas[0]), frac, flo, fhi))
+        smallest = min(smallest, float(nodes[0]))
+    return per, smallest, res.n_matvec
+
+
+def hessian_indefiniteness(model, loss, batch, transformations, blocks: list[BlockIndefiniteness],
+                           probes: int = 2, steps: int = 20, max_iter: int = 40, tol: float = 1e-3, seed: int = 0,
+                           gamma_n: float | None = None) -> HessianIndefiniteness:
+    """One Lanczos run from both ends of the full H (≤ ``max_iter`` products) and ``probes`` × ``steps``
+    SLQ products; ``blocks`` are this θ's block rows (their bounds: the sharpest is the prediction)."""
+    op = HessianOperator(model, loss, batch, names=None, method="double_backward", dtype=torch.float64)
+    lmin, rmin, err, lmax, _, ok, n_lanczos = _block_extremes(op, max_iter, tol, seed)
+    if gamma_n is None:
+        gamma_n = rounding_model(model, loss, batch, seed).gamma()
+    tau = 2 * PASSES[2] * gamma_n * max(abs(lmin), abs(lmax))
+    steps = min(steps, op.dim)
+    per, smallest, n_slq = slq_negative_mass(op, probes, steps, seed, lmin - err - tau, tau)
+    theta = op.space.values(op.model).double()
+    grad = op.gradient().double()
+    mask = scale_invariant_union(op.space, op.space.unflatten(theta), transformations)
+    gs = float((mask * grad).norm()) if mask is not None else 0.0
+    ts = float((mask * theta).norm()) if mask is not None else 0.0
+    preds = [b for b in blocks if not b.control]
+    best = min(preds, key=lambda b: b.bound) if preds else None
+    return HessianIndefiniteness(
+        op.dim, lmin, rmin, err, lmax, ok, None if best is None else best.bound,
+        None if best is None else best.transformation, 0.0 if best is None else best.bound_rounding, n_lanczos,
+        tau, steps, per, smallest, n_slq, gs, ts)
