@@ -52,6 +52,8 @@ def run_study(study: Study, results: Path, address: str | None = None, dashboard
         run_all(ctx, storage, log)
         from eqlab.pipeline.findings_drift import write_drift_findings  # finding 5: across runs, once all are done
         write_drift_findings(results, study, log)
+        from eqlab.pipeline.findings_optimizers import write_optimizer_findings  # finding 3: SGD against Adam
+        write_optimizer_findings(results, study, log)
         log(f"eqlab: study {study.name!r} finished in {time.time() - t0:.1f}s")
         return summarize(results, study)
 
