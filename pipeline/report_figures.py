@@ -18,6 +18,8 @@ from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from eqlab.analyses.drift import fit_drift_slope
+
 DPI = 100
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -334,117 +336,16 @@ def identities(rows: list[dict]) -> Figure | None:
     return fig
 
 
-# ---------------------------------------------------------------- findings
-
-def _symlog_both(ax, vals) -> None:
-    """Both axes symlog, linear within the 5 % quantile of |values|, with at most ~4 decade ticks a side."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    a = np.abs(np.asarray([v for v in vals if v is not None and math.isfinite(v)], float))
-    a = a[a > 0]
-    lin = max(float(np.quantile(a, 0.05)) if a.size else 1e-12, 1e-300)
-    top = float(a.max()) if a.size else 1.0
-    lo_dec, hi_dec = math.floor(math.log10(lin)), math.ceil(math.log10(max(top, lin)))
-    stride = max(1, math.ceil((hi_dec - lo_dec) / 4))
-    decades = [10.0 ** d for d in range(hi_dec, lo_dec - 1, -stride)][::-1]
-    ticks = [-d for d in decades[::-1]] + [0.0] + decades
-    label = FuncFormatter(lambda v, _: "0" if v == 0 else f"{'-' if v < 0 else ''}1e{round(math.log10(abs(v)))}")
-    for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
-        scale("symlog", linthresh=lin)
-        axis.set_major_locator(FixedLocator(ticks))
-        axis.set_major_formatter(label)
-        axis.set_minor_locator(NullLocator())
-    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    ax.tick_params(axis="y", labelsize=7)
-
-
-VERDICT_MARK = {"holds": ("o", "#2ca02c"), "violated": ("X", "#d62728"), "inconclusive": ("D", "#ff7f0e")}
-
-
-def finding(name: str, rows: list[dict]) -> Figure | None:
-    """One finding: measured statistic against the theory's prediction (left, y = x dashed), and each row's
-    |measured − predicted| over its tolerance along training (right, 1 dashed); symmetries filled,
-    negative controls hollow, coloured by verdict. A finding of measurements only (no prediction, e.g.
-    block_sharpness) is drawn as its statistic over training instead."""
-    measured = [r for r in rows if r["statistic"] is not None]
-    rows = [r for r in measured if r["predicted"] is not None]
-    if not rows:
-        return _measurements(name, measured) if measured else None
-    ratio_of = lambda r: r["residual"] / r["tolerance"] if r["tolerance"] and r["residual"] is not None else np.nan  # noqa: E731
-    floor = zero_floor([ratio_of(r) for r in rows])
-    fig = Figure(figsize=(12.5, 4.4), layout="constrained")
-    a1, a2 = fig.subplots(1, 2)
-    for (control, verdict), pts in _by(rows, "control", "verdict").items():
-        marker, col = VERDICT_MARK.get(verdict, ("s", "#7f7f7f"))
-        kw = dict(marker=marker, s=22, alpha=0.8, label=text(f"{'control' if control else 'symmetry'}: {verdict}"))
-        kw.update(dict(facecolors="none", edgecolors=col) if control else dict(color=col))
-        a1.scatter([r["predicted"] for r in pts], [r["statistic"] for r in pts], **kw)
-        a2.scatter(np.array([r["step"] for r in pts], float), _clip([ratio_of(r) for r in pts], floor), **kw)
-    vals = [r["predicted"] for r in rows] + [r["statistic"] for r in rows]
-    _symlog_both(a1, vals)
-    finite = [v for v in vals if v is not None and math.isfinite(v)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        a1.plot([lo, hi], [lo, hi], "k--", lw=1)
-    a1.set_xlabel("predicted")
-    a1.set_ylabel("measured")
-    a1.set_title(text(f"{name}: measured vs predicted"))
-    a1.legend(fontsize=7)
-    a2.set_xscale("symlog", linthresh=1)
-    a2.set_yscale("log")
-    a2.axhline(1.0, color="k", lw=1, ls="--")
-    _mark_floor(a2, floor)
-    a2.set_xlabel("step")
-    a2.set_ylabel("|measured − predicted| / tolerance")
-    a2.set_title(text(f"{name}: over training (all runs)"))
-    return fig
-
-
-def _measurements(name: str, rows: list[dict]) -> Figure:
-    """A finding without a prediction: each transformation's statistic against the step, one line each."""
-    fig = Figure(figsize=(12.5, 4.4), layout="constrained")
-    ax = fig.subplots()
-    for (run, tr), pts in sorted(_by(rows, "run_id", "transformation").items()):
-        pts = sorted(pts, key=lambda r: r["step"])
-        ax.plot(np.array([r["step"] for r in pts], float), [r["statistic"] for r in pts], marker="o", ms=3, lw=1,
-                alpha=0.7, label=text(f"{run}: {tr}"))
-    ax.set_xscale("symlog", linthresh=1)
-    pos = [abs(r["statistic"]) for r in rows if r["statistic"] and math.isfinite(r["statistic"])]
-    ax.set_yscale("symlog", linthresh=min(pos) if pos else 1.0)  # sharpness spans decades across blocks
-    ax.set_xlabel("step")
-    ax.set_ylabel("measured statistic")
-    ax.set_title(text(f"{name}: measured over training (no prediction)"))
-    if len(ax.get_lines()) <= 12:
-        ax.legend(fontsize=6)
-    return fig
-
-
 # ---------------------------------------------------------------- conservation
-
-def fit_slope(lrs, changes) -> tuple[float, float] | None:
-    """Least-squares slope of log(change) on log(lr), with its standard error (NaN with two points);
-    None when fewer than two distinct learning rates have a positive change."""
-    pts = [(math.log(l), math.log(c)) for l, c in zip(lrs, changes)
-           if l and c and l > 0 and c > 0 and math.isfinite(l) and math.isfinite(c)]
-    if len({x for x, _ in pts}) < 2:
-        return None
-    x, y = np.array(pts).T
-    A = np.vstack([x, np.ones_like(x)]).T
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    n = len(x)
-    if n > 2:
-        resid = y - A @ coef
-        s2 = float(resid @ resid) / (n - 2)
-        se = math.sqrt(s2 / float(((x - x.mean()) ** 2).sum()))
-    else:
-        se = float("nan")
-    return float(coef[0]), se
-
 
 def conservation(rows: list[dict]) -> Figure | None:
     """Left: each conserved family's one-step change ‖ΔQ‖ against the learning rate (log–log), with the fitted
     slope per (optimizer, symmetry) where there are two learning rates or more (SGD's exact law: 2; Adam: 1).
-    Right: measured against the exact law's predicted change (SGD), y = x dashed."""
+    Right: measured against the exact law's predicted change (SGD), y = x dashed.
+
+    The slope is the drift finding's own fit (`analyses.drift.fit_drift_slope`: one intercept per ``cell``,
+    a checkpoint of one seed; points at or below their rounding ``level`` left out), pooled here over all
+    runs of an optimizer, where the finding fits each lr sweep apart (its rows: the findings section)."""
     rows = [r for r in rows if r["change"] is not None]
     if not rows:
         return None
@@ -459,20 +360,21 @@ def conservation(rows: list[dict]) -> Figure | None:
         col = color(syms.index(sym), len(syms))
         lrs = [r["lr"] for r in pts]
         ch = [r["change"] for r in pts]
-        fit = fit_slope(lrs, ch)
-        if fit is not None:
-            what = f"slope {fit[0]:.2f}" + ("" if math.isnan(fit[1]) else f" ± {fit[1]:.2f}")
+        levels = [r.get("level") or 0.0 for r in pts]
+        fit = fit_drift_slope(lrs, ch, cells=[r.get("cell") for r in pts], levels=levels)
+        if fit.ok:
+            what = f"slope {fit.slope:.2f}" + ("" if math.isnan(fit.se) else f" ± {fit.se:.2f}")
         elif len({l for l in lrs if l}) < 2:
             what = "one lr: no slope"
         else:
-            what = "no nonzero change: no slope"
+            what = "no change above rounding: no slope"
         a1.scatter(lrs, _clip(ch, f_ch), marker=markers.get(opt, "D"), color=col, s=20, alpha=0.75,
                    label=text(f"{opt} {sym}: {what}"))
-        if fit is not None:
-            xs = np.array([min(l for l in lrs if l > 0), max(lrs)])
-            ok = [(l, c) for l, c in zip(lrs, ch) if l > 0 and c > 0]
-            b = np.mean([math.log(c) - fit[0] * math.log(l) for l, c in ok])
-            a1.plot(xs, np.exp(b) * xs ** fit[0], color=col, lw=1)
+        if fit.ok:  # drawn through the mean of the points in the fit (the fit has an intercept per cell)
+            ok = [(l, c) for l, c, v in zip(lrs, ch, levels) if l and l > 0 and c and c > v and c > 0]
+            xs = np.array([min(l for l, _ in ok), max(l for l, _ in ok)])
+            b = np.mean([math.log(c) - fit.slope * math.log(l) for l, c in ok])
+            a1.plot(xs, np.exp(b) * xs ** fit.slope, color=col, lw=1)
         law = [r for r in pts if r["predicted_change"] is not None and math.isfinite(r["predicted_change"])]
         if law:
             a2.scatter(_clip([r["predicted_change"] for r in law], f_law),

@@ -14,20 +14,22 @@ import pytest
 from eqlab.pipeline import store
 from eqlab.pipeline.query import run_query
 
-# The report needs every table with rows. Under the whole suite test_end_to_end.py has just run a study that
-# writes all of them (its module fixture, in this session's base temp folder): its tables are copied and
-# reused, so this module adds no training. Run alone, it runs this study of its own (about a minute).
+# The report needs every table with rows, and findings rows of every finding with a figure of its own (the
+# drift finding's need an lr sweep). A finished study in this session's base temp folder that has all of
+# them (test_end_to_end.py's module fixture) is copied and reused; test_end_to_end's study has no lr sweep,
+# so this module runs this study of its own (two short runs, about three minutes on 2 cores).
 STUDY = {
     "study": {"name": "report", "seed": 0},
     "ray": {"num_cpus": 2},
     "spectra": {"top_k": 2, "tol": 1e-6, "max_iter": 40, "workers": 1, "examples": 32, "microbatch": 32,
                 "dtype": "float64", "density_probes": 2, "density_steps": 10, "block_top_k": 1},
     "identities": {"dtypes": ["float64", "float32"], "examples": 32, "probes": 1},
-    "runs": [
-        {"name": "cnn", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20},
-         "optimizer": "sgd", "lr": 0.1, "batch_size": 16, "steps": 4, "n_checkpoints": 2},
+    "runs": [  # an lr sweep of two runs (sweep "cnn"): the drift finding (5) has rows only for a sweep
+        {"name": f"cnn-lr{lr:g}", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20},
+         "optimizer": "sgd", "lr": lr, "batch_size": 16, "steps": 4, "n_checkpoints": 2} for lr in (0.1, 0.03)
     ],
 }
+RUN = "cnn-lr0.1"
 NEEDED = ("runs", "checkpoints", "metrics", "spectra", "densities", "block_spectra", "identities", "conservation",
           "findings")
 
@@ -36,9 +38,16 @@ def _complete(results: Path) -> bool:
     if not all(store.table_files(results, t) for t in NEEDED):  # the checkpoints table included
         return False
     try:
-        return all(run_query(results, f"select count(*) from {t}")[1][0][0] > 0 for t in NEEDED)
+        if not all(run_query(results, f"select count(*) from {t}")[1][0][0] > 0 for t in NEEDED):
+            return False
+        _, rows = run_query(results, "select distinct finding from findings")
     except Exception:
         return False
+    return set(THEORY_ROWS) <= {r[0] for r in rows}
+
+
+# one row finding of each finding with its own figure (3 blocks, 4 indefinite, 5 drift, 6 saddles)
+THEORY_ROWS = ("block_orbit_congruence", "indefiniteness", "conservation_drift_slope", "discrete_saddle_wd_threshold")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +150,8 @@ def test_every_figure_is_written_and_linked(report):
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", src
     assert sorted(p.name for p in out.glob("*.png")) == sorted(srcs)  # nothing written that is not shown
     names = {Path(s).stem for s in srcs}
-    for fig in ("fig-training", "fig-spectra", "fig-densities", "fig-identities", "fig-conservation"):
+    for fig in ("fig-training", "fig-spectra", "fig-densities", "fig-identities", "fig-conservation",
+                "fig-theory-blocks", "fig-theory-indefinite", "fig-theory-drift", "fig-theory-saddles"):
         assert fig in names, (fig, names)
     _, runs = run_query(results, "select count(distinct run_id) from block_spectra")
     assert sum(n.startswith("fig-blocks-") for n in names) == runs[0][0]
@@ -184,7 +194,7 @@ def test_a_missing_or_empty_table_gives_a_note_not_a_crash(study_results, tmp_pa
     shutil.rmtree(results / "densities")                  # missing
     for f in store.table_files(results, "block_spectra"):  # empty: a file with the schema and no rows
         f.unlink()
-    store.write_rows(results, "block_spectra", "cnn", 0, [], study="report")
+    store.write_rows(results, "block_spectra", RUN, 0, [], study="report")
     shutil.rmtree(results / "conservation")
     out = tmp_path / "out"
     torch_loaded, n = _run_in_subprocess(results, out)
@@ -317,23 +327,116 @@ def test_the_page_opens_in_a_headless_browser(report):
     assert all(done and width > 0 for _, done, width in images), images
 
 
-def test_drift_slope_is_fitted_on_log_log():
-    """The conservation figure's slope: SGD's eta^2 law gives 2, an O(eta) drift 1; one lr gives none."""
-    import math
-    import sys
+def _finding_rows(results: Path) -> list[dict]:
+    """The findings rows as the report reads them (its own query, through its confined connection)."""
+    from eqlab.pipeline.report import Tables, _findings_sql
 
-    from eqlab.pipeline.report_figures import fit_slope
+    t = Tables(results)
+    try:
+        return t.rows(_findings_sql(t))
+    finally:
+        t.close()
 
-    lrs = [0.01, 0.02, 0.05, 0.1, 0.01, 0.1]
-    ys = [3.0 * l ** 2 for l in lrs]
-    # exact data: the slope is off only by rounding of the logs, each within eps·|log y|, amplified by
-    # 1 / spread(log x) of the least-squares fit (64: generous for the sums over 6 points)
-    eps = sys.float_info.epsilon
-    bound = lambda x, y: 64 * eps * max(abs(math.log(v)) for v in y) / (math.log(max(x)) - math.log(min(x)))
-    slope, se = fit_slope(lrs, ys)
-    assert abs(slope - 2) < bound(lrs, ys) and se < bound(lrs, ys)
-    slope, se = fit_slope(lrs, [0.5 * l * (1.1 if i % 2 else 0.9) for i, l in enumerate(lrs)])
-    assert abs(slope - 1) < 0.2 and 0 < se < 0.2
-    assert fit_slope([0.1, 0.1], [1.0, 2.0]) is None and fit_slope([0.1, 0.2], [0.0, 0.0]) is None
-    slope, se = fit_slope([0.1, 0.2], [1.0, 4.0])
-    assert abs(slope - 2) < bound([0.1, 0.2], [1.0, 4.0]) and math.isnan(se)
+
+def _offsets(ax) -> set[tuple[float, float]]:
+    """The data points of an axes' scatters (PathCollections; a shaded region is a collection too)."""
+    from matplotlib.collections import PathCollection
+
+    return {(float(x), float(y)) for c in ax.collections if isinstance(c, PathCollection) for x, y in c.get_offsets()}
+
+
+def test_theory_figures_draw_the_findings_rows(report):
+    """Findings 3, 4, 6: the points drawn are the stored rows' own (predicted, measured) values; finding 5: the
+    fitted slopes shown (figure legend, summary column) are the stored rows' slopes and standard errors."""
+    from eqlab.pipeline import findings_blocks, findings_discrete, findings_drift, findings_indefinite
+    from eqlab.pipeline import report_findings as rfn
+    from eqlab.pipeline.report import Tables, _conservation_points, _conservation_sql
+
+    # the report reads the row finding names from `eqlab reproduce`'s list (no torch): the builders' own
+    assert (rfn.BLOCK_SHARPNESS, rfn.CONGRUENCE, rfn.IMBALANCE) == findings_blocks.ROW_FINDINGS
+    assert rfn.INDEFINITENESS == findings_indefinite.FINDING and rfn.DRIFT == findings_drift.FINDING
+    assert {rfn.SADDLE_SPECTRUM, rfn.SUBSPACE_INVARIANCE, rfn.WD_THRESHOLD} == set(findings_discrete.ROW_FINDINGS)
+    results, _, page = report
+    rows = _finding_rows(results)
+    of = lambda *names: [r for r in rows if r["finding"] in names]  # noqa: E731
+
+    blocks = rfn.block_anisotropy(of(rfn.BLOCK_SHARPNESS, rfn.CONGRUENCE, rfn.IMBALANCE))
+    cong = of(rfn.CONGRUENCE)
+    assert cong and _offsets(blocks.axes[0]) == {(r["predicted"], r["statistic"]) for r in cong}
+    positive = {(r["scale"], r["statistic"]) for r in of(rfn.BLOCK_SHARPNESS) if r["statistic"] > 0}
+    lowest = min(y for _, y in positive)  # an exact 0 is drawn a decade below it (report_figures.zero_floor)
+    assert positive and {p for p in _offsets(blocks.axes[2]) if p[1] >= lowest} == positive
+
+    ind = of(rfn.INDEFINITENESS)
+    fig = rfn.indefiniteness(ind)
+    assert ind and _offsets(fig.axes[0]) == {(r["predicted"], r["statistic"]) for r in ind}
+    assert any(r["control"] for r in ind) and any(not r["control"] for r in ind)
+
+    sad = of(rfn.SADDLE_SPECTRUM, rfn.WD_THRESHOLD, rfn.SUBSPACE_INVARIANCE)
+    fig = rfn.discrete_saddles(sad)
+    key = lambda r: (r["run_id"], r["step"], r["transformation"], r["control"])  # noqa: E731
+    gstar = {key(r): r["predicted"] for r in sad if r["finding"] == rfn.WD_THRESHOLD}
+    want = ({(gstar[key(r)], r["eigenvalue"]) for r in sad if r["finding"] == rfn.SADDLE_SPECTRUM}
+            | {(r["predicted"], r["eigenvalue"]) for r in sad if r["finding"] == rfn.WD_THRESHOLD})
+    assert gstar and _offsets(fig.axes[0]) == want
+
+    drift = of(rfn.DRIFT)
+    t = Tables(results)
+    try:
+        points = [p for p in _conservation_points(t, t.rows(_conservation_sql(t))) if p["sweep"] is not None]
+    finally:
+        t.close()
+    assert {p["sweep"] for p in points} == {r["run_id"] for r in drift} == {"cnn"}  # the sweep of both runs
+    assert {p["run_id"] for p in points} == {"cnn-lr0.1", "cnn-lr0.03"}
+    fig = rfn.drift(drift, points)
+    labels = " | ".join(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+    summary = " | ".join(r["fitted slope ± SE"] for r in _body(page, "findings-summary"))
+    for r in drift:
+        if r["control"] or r["statistic"] is None or r["statistic"] != r["statistic"]:
+            continue
+        assert f"{r['transformation']}: slope {r['statistic']:.2f}" in labels, (r, labels)
+        assert f"{r['transformation']}: {r['statistic']:.3g}" in summary, (r, summary)
+    # each finding named with the line `eqlab reproduce --list` gives it
+    from eqlab.pipeline.reproduce import FINDINGS
+
+    text = " ".join(" ".join(page.texts).split())
+    for f in FINDINGS:
+        assert " ".join(f.tests.split()) in text, f.name
+
+
+def test_theory_figures_absent_with_a_note_without_their_rows(study_results, tmp_path):
+    """Without the rows of findings 3, 4, 5, 6 (the other findings kept), each of their figures is left out
+    and a note says which rows are missing; the generic figures of the rest stay."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from eqlab.pipeline.report_findings import BLOCK_SHARPNESS, BY_NAME
+
+    results = tmp_path / "results"
+    shutil.copytree(study_results, results)
+    gone = [BLOCK_SHARPNESS] + [n for f in ("blocks", "indefinite", "drift", "saddles")
+                                for n in BY_NAME[f].row_findings]
+    for f in store.table_files(results, "findings"):
+        t = pq.read_table(f)
+        kept = t.filter(pc.invert(pc.is_in(t.column("finding"), value_set=pa.array(gone, pa.string()))))
+        if kept.num_rows:
+            pq.write_table(kept, f)
+        else:
+            f.unlink()
+    _, left = run_query(results, "select count(distinct finding) from findings")
+    assert left[0][0] >= 1
+    shutil.rmtree(results / "densities")  # quicker (no torch)
+    out = tmp_path / "out"
+    _run_in_subprocess(results, out)
+    page = _parse(out / "index.html")
+    names = {Path(a["src"]).stem for a in page.imgs}
+    assert not any(n.startswith("fig-theory-") for n in names), names
+    assert sum(n.startswith("fig-finding-") for n in names) == left[0][0]
+    notes = [n for n in page.notes if n.startswith("no figure of finding")]
+    assert len(notes) == 4, page.notes
+    for number, name in ((3, "blocks"), (4, "indefinite"), (5, "drift"), (6, "saddles")):
+        note = next(n for n in notes if n.startswith(f"no figure of finding {number} ({name})"))
+        assert all(r in note for r in BY_NAME[name].row_findings), note
+    assert "lr sweep" in next(n for n in notes if "(drift)" in n)
+
