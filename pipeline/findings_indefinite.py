@@ -22,7 +22,9 @@ The whole Hessian, two more rows per checkpoint with a scale-invariant block (`h
   half-width of its quadrature enclosure (Chebyshev–Markov–Stieltjes, plus rounding), scale = ‖g_S‖ on the
   union of the scale-invariant blocks (the quantity to plot it against over checkpoints); the fraction of
   eigenvalues below −τ and tr(H₋)/dim with their brackets are in the reason text.
-Extra cost: ≤ 40 + 2 × 20 HVPs of the full model per checkpoint (default settings).
+Extra cost: ≤ 40 + 2 × 20 HVPs of the full model per checkpoint (default settings); measured on the default
+study's digits CNN (9,850 parameters, 64 examples) at step 0: 31 Lanczos + 40 SLQ products, 5.7 s on one
+thread of a 2-core machine at load 7.6 (≈ 80 ms per product there; about what the block rows above cost).
 
 Columns of the block rows: statistic = eigenvalue = the smallest Ritz value λ̂_min (eigen_residual its true residual),
 predicted = the bound, residual = max(0, λ̂_min − bound) (the amount by which the bound fails; 0 with

@@ -23,6 +23,7 @@ class Finding:
     preset: str      # pipeline/studies/reproduce/<preset>-<scale>.toml
     tests: str       # one line: what it tests
     also: tuple[str, ...] = ()  # further `finding` names the same rows function writes (one verdict line each)
+    measured: tuple[str, ...] = ()  # measurement-only `finding` names (no verdict): one line of their statistics
 
     @property
     def row_findings(self) -> tuple[str, ...]:
@@ -41,13 +42,14 @@ FINDINGS = (
             "curvature anisotropy across blocks: each block's top eigenvalue (heads Q/K/V/O, unit groups, BN filters) "
             "moved along a rescaling orbit by c scales by exactly c^-2 / c^2, and the log-log slope of the sharpness "
             "ratio against the conserved norm ratio is 1 along the orbit (across heads: measured, an open question); "
-            "control: the same move on one side only", also=("block_sharpness_imbalance",)),
+            "control: the same move on one side only; SGD against Adam: the blocks' log-sharpness spread per "
+            "optimizer (a measurement)", also=("block_sharpness_imbalance",), measured=("block_anisotropy_optimizer",)),
     Finding("indefinite", "indefiniteness", "curvature",
             "indefiniteness of normalised networks: a scale-invariant block with g_S != 0 has lambda_min <= "
             "-|g_S|^2/(mu_+ |theta_S|^2) (Rayleigh-Ritz on span{theta_S, g_S}), lambda_min by Lanczos; control: the "
             "convex classifier head (lambda_min = 0) against the same bound; the full Hessian's lambda_min against "
             "the sharpest block bound, and its SLQ negative share tr(H-)/tr|H| next to |g_S| (a measurement)",
-            also=("indefinite_hessian_min",)),
+            also=("indefinite_hessian_min",), measured=("indefinite_negative_share",)),
     Finding("drift", "conservation_drift_slope", "drift",
             "conservation under real optimizers: the one-step drift ‖ΔQ‖ of each conserved quantity against the "
             "learning rate across an lr sweep, log–log slope 2 for plain SGD (the η² law), 1 for Adam and for SGD "
@@ -110,9 +112,24 @@ def verdict_lines(results: Path, study, findings: list[Finding]) -> list[str]:
     and the model families its rows are on (a study-level row's sweep stands for its runs)."""
     from eqlab.pipeline.findings_drift import sweeps
 
+    from eqlab.pipeline.findings_optimizers import comparison_groups
+
     family = {s.run_id: s.family for s in study.runs}
     family.update({name: specs[0].family for name, specs in sweeps(study).items()})
-    return [_verdict_line(results, f.name, name, family) for f in findings for name in f.row_findings]
+    family.update({name: specs[0].family for name, specs in comparison_groups(study).items()})
+    return ([_verdict_line(results, f.name, name, family) for f in findings for name in f.row_findings]
+            + [_measurement_line(results, f.name, name) for f in findings for name in f.measured])
+
+
+def _measurement_line(results: Path, cli_name: str, finding: str) -> str:
+    """A measurement-only finding: its statistic's mean ± std per (run or group, transformation, optimizer)."""
+    from eqlab.pipeline.query import run_query
+
+    _, rows = run_query(results, f"""select run_id, transformation, optimizer, avg(statistic), avg(statistic_std),
+                                      count(*) from findings where finding = '{finding}' group by all order by all""")
+    parts = [f"{r} {t} {o}: {m:.3g}" + (f" +- {sd:.2g}" if sd is not None else "") + (f" ({n} rows)" if n > 1 else "")
+             for r, t, o, m, sd, n in rows if m is not None][:12]
+    return f"{cli_name} ({finding}): measurements, no prediction: {'; '.join(parts) or 'no rows'}"
 
 
 def _verdict_line(results: Path, cli_name: str, finding: str, family: dict) -> str:
