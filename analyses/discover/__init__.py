@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eqlab.analyses.discover import (attention, explain, gated, homogeneity, layer_scale, offset_gain, residual,
-                                     transfers)
+from eqlab.analyses.discover import (attention, experts, explain, gated, homogeneity, layer_scale, offset_gain,
+                                     residual, transfers)
 from eqlab.analyses.discover.algebra import Cause
 from eqlab.analyses.discover.graph import trace
 from eqlab.analyses.discover.patterns import (activation_pairs, batchnorm_scales, negative_controls_from, permutations,
@@ -48,7 +48,8 @@ class Found:
     def as_row(self) -> dict:
         t = self.transformation
         return {"transformation": t.name, "family": t.family, "kind": t.kind, "n_generators": t.n_generators,
-                "verified": self.verified, "verdict": self.verdict, "residual": float(self.residual),
+                "verified": self.verified, "verdict": self.verdict, "control": not t.expected,
+                "residual": float(self.residual),
                 "tolerance": float(self.tolerance), "residual_x3": float(self.residual_x3),
                 **{f"residual_{k}": float(v) for k, v in sorted(self.residuals.items())},
                 "cause": self.cause, "reason": self.reason, "caveats": "; ".join(self.caveats)}
@@ -108,8 +109,10 @@ def candidates(model, loss, batch, trace_examples: int = 4):
     moved = transfers.transfers(graph)                                  # bias transfers (affine elements)
     scales = layer_scale.layer_scales(graph) + offset_gain.offset_gains(graph)
     found = (softmax_translations(graph) + batchnorm_scales(graph) + rescales(graph, pairs)
-             + gated.gated_units(graph) + attention.attention_groups(graph) + residual.residual_stream(graph) + homogeneity.homogeneities(graph)
-             + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph) + moved + scales)
+             + gated.gated_units(graph) + attention.attention_groups(graph) + residual.residual_stream(graph, pairs)
+             + homogeneity.homogeneities(graph)
+             + permutations(graph, pairs) + sign_flips(graph, pairs) + unused_parameters(graph) + moved + scales
+             + experts.experts(graph))
     return _as_controls(_unique_names(found)), negative_controls_from(graph, pairs)
 
 

@@ -8,6 +8,7 @@ The V side: the matmul of that softmax's output with another projected tensor, w
 """
 from __future__ import annotations
 
+from eqlab.analyses.discover import score_bias
 from eqlab.analyses.discover.algebra import Cause
 from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
@@ -35,7 +36,10 @@ def _to_softmax(graph: Graph, t):
             if dim % t.dim() != t.dim() - 1:
                 return None, "the softmax is not over the key axis", []
             return op, "", passed
-        if op.name in _SOFTCAP and not graph.has_param_input(op):
+        if op.name in ("view", "reshape") and pos == op.tensor_positions()[0] and \
+                op.outputs[0].shape[-1] == t.shape[-1] and op.outputs[0].dim() == t.dim():
+            pass   # Falcon views (batch, heads, q, k) scores as what they already are: keys stay last
+        elif op.name in _SOFTCAP and not graph.has_param_input(op):
             passed.append(op.name)   # keeps whatever keeps every q·k; a per-query score shift it does not
         elif op.name not in _MASKING or graph.has_param_input(op):
             return None, (f"between the scores and a softmax sits {op.name}"
@@ -160,7 +164,7 @@ def _rotary_qk(graph: Graph, q, kt, sm):
 def attention_groups(graph: Graph) -> list:
     """Q/K, V/O and head-permutation candidates of every attention block: each side is found on its own,
     so a Q/K path the finder cannot read (a QK norm) does not hide the V/O change of basis."""
-    out = []
+    out, bias_readers = [], _bias_readers(graph)
     for op in graph.ops_named("matmul"):
         P = op.tensor_positions()
         if len(P) != 2:
@@ -191,8 +195,29 @@ def attention_groups(graph: Graph) -> list:
             reject(f"attention scores at op {sm.index}", "head_permutation",
                    "the query/key head layout could not be read (labels do not pass the Q/K path)")
             continue
-        out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k)
+        biases = score_bias.score_biases(graph, op.outputs[0], sm)
+        out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k, biases, bias_readers)
     return out
+
+
+def _bias_readers(graph: Graph) -> dict:
+    """learned score-bias parameter -> how many attention blocks add it to their scores (T5 computes its
+    relative-position bias in the first block and every later block reuses it)."""
+    from eqlab.analyses.discover.norms import _param_dependent
+
+    dep, count = _param_dependent(graph), {}
+    for op in graph.ops_named("matmul"):
+        P = op.tensor_positions()
+        if len(P) != 2 or op.leaves[P[0]].dim() < 3 or graph.param(op.leaves[P[0]]) or graph.param(op.leaves[P[1]]):
+            continue
+        sm, _, _ = _to_softmax(graph, op.outputs[0])
+        if sm is None:
+            continue
+        names = {graph.param(p) for _, b, _ in score_bias._path_adds(graph, op.outputs[0], sm) if id(b) in dep
+                 for p in score_bias._param_tensors(graph, b)}
+        for n in names:
+            count[n] = count.get(n, 0) + 1
+    return count
 
 
 def _qk_norm(graph: Graph, q, kt, sm) -> list:
@@ -279,7 +304,8 @@ def _value_output(graph: Graph, sm, heads_q):
         op, pos = cons[0]
         if op.name == "matmul":
             break
-        if op.name not in ("dropout", "type", "to"):
+        if op.name not in ("dropout", "type", "to") and not (op.name in ("view", "reshape")
+                                                            and op.outputs[0].shape == t.shape):
             return no(f"the probabilities pass {op.name} before P @ V")
         t = op.outputs[0]
     else:
@@ -345,9 +371,11 @@ def _value_output(graph: Graph, sm, heads_q):
     return c
 
 
-def _head_swap(graph: Graph, affs, heads_q, heads_k):
+def _head_swap(graph: Graph, affs, heads_q, heads_k, biases=None, bias_readers=None):
     """Swap key/value head 0 with 1 together with the query heads reading them (pairwise, in order) and
-    their output-projection slices; with a single key/value head, swap its first two query heads."""
+    their output-projection slices; with a single key/value head, swap its first two query heads. A learned
+    additive score bias (a relative-position table with a head axis) has its swapped heads' columns swapped
+    too; a fixed one (ALiBi slopes) that differs between swapped heads makes the swap broken (a hard cause)."""
     from eqlab.analyses.transforms import Permutation
 
     aq, ak, av, ao, heads_v, o_cols = affs
@@ -381,6 +409,25 @@ def _head_swap(graph: Graph, affs, heads_q, heads_k):
         for a, hs in ((ak, heads_k), (av, heads_v)):
             for bias in (False, True):
                 swap(a, 0 if bias else a.w_out, hs[g1], hs[g2], bias)
+    cav = []
+    if biases is not None:
+        if biases.problems:
+            return reject(site, "head_permutation", "a learned score bias: " + biases.problems[0]) or []
+        for name, axis, cols in biases.learned:   # head h's scores get column cols[h] of the bias table
+            perm = perms.setdefault((name, axis), list(range(_shape(graph, name)[axis])))
+            for h1, h2 in qpairs:
+                perm[cols[h1]], perm[cols[h2]] = perm[cols[h2]], perm[cols[h1]]
+            if (bias_readers or {}).get(name, 1) > 1:
+                cav.append(Cause(f"the score bias {_short(name)} is added in {bias_readers[name]} attention blocks: "
+                                 "swapping its head columns for one block moves the others' biases", "shared",
+                                 soft=False))
+        fixed = [(h1, h2) for b in biases.fixed for h1, h2 in qpairs if score_bias.differs(b, h1, h2)]
+        if fixed:
+            h1, h2 = fixed[0]
+            cav.append(Cause(f"a fixed additive score term (not a parameter: e.g. ALiBi's per-head slopes) differs "
+                             f"between heads {h1} and {h2}; no change of the parameters moves it with them",
+                             "fixed_bias",
+                             soft=False))
     terms = [[n, d, p] for (n, d), p in perms.items()]
     what = "kv heads 0<->1" if kv is not None else f"query heads {qpairs[0][0]}<->{qpairs[0][1]}"
-    return [Candidate(Permutation(f"head_permutation[{_short(ao.weight)}]({what})", "head_permutation", terms), [])]
+    return [Candidate(Permutation(f"head_permutation[{_short(ao.weight)}]({what})", "head_permutation", terms), cav)]

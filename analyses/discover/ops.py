@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eqlab.analyses.discover.algebra import eps_cause
+from eqlab.analyses.discover.algebra import Cause, eps_cause
 
 LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "conv1d", "conv2d", "conv3d"}
 NORM_OPS = {"batch_norm", "layer_norm", "rms_norm"}  # rms_norm: also fused from its ops (norms.py)
@@ -136,8 +136,10 @@ def shared_caveats(graph, a: Affine) -> list[str]:
             continue
         others = {op.name for op, _ in graph.param_uses(name) if op is not a.op and not _only_feeds(graph, op, a.op)}
         if others:
-            out.append(f"parameter {name} is shared with other ops ({', '.join(sorted(others))}), "
-                       "e.g. tied embeddings: the transformation also moves those")
+            # hard: the candidate was built from this use only, so it moves the other uses unaccounted
+            # (a tied unembedding scaled with the embedding); no eps can explain that violation away
+            out.append(Cause(f"parameter {name} is shared with other ops ({', '.join(sorted(others))}), "
+                             "e.g. tied embeddings: the transformation also moves those", "shared", soft=False))
     return out
 
 

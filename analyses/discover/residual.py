@@ -9,12 +9,12 @@ a reader outside (post-LN blocks, where the stream also feeds a sublayer directl
 """
 from __future__ import annotations
 
-from eqlab.analyses.discover.algebra import eps_cause
+from eqlab.analyses.discover.algebra import Cause, eps_cause
 from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
-from eqlab.analyses.discover.ops import affine, shared_caveats
+from eqlab.analyses.discover.ops import _only_feeds, affine, shared_caveats
 from eqlab.analyses.discover.patterns import Candidate, _shape, _short
-from eqlab.analyses.transforms import ScaleFamily, TranslationFamily
+from eqlab.analyses.transforms import Permutation, ScaleFamily, TranslationFamily
 
 _ADD = {"add", "__add__", "__radd__"}
 _NORMS = ("layer_norm", "rms_norm")  # rms_norm: no mean subtraction, so the stream has no translation
@@ -59,8 +59,9 @@ def _stream(graph: Graph, start):
     return seen, writers, problems
 
 
-def residual_stream(graph: Graph) -> list[Candidate]:
+def residual_stream(graph: Graph, pairs=None) -> list[Candidate]:
     out, done = [], set()
+    by_norm = {p.producer.op.index: p for p in (pairs or []) if p.act is None}
     lns = [op for op in graph.ops_named(*_NORMS) if len(op.arg(1, "normalized_shape")) == 1]
     for ln in reversed(lns):  # the last LayerNorm sees the whole stream; earlier ones read parts of it
         x = ln.leaves[ln.tensor_positions()[0]]
@@ -112,8 +113,67 @@ def residual_stream(graph: Graph) -> list[Candidate]:
         tag = (f"{len(writers)} writers->{len(readers)} {pre}_norms" if len(writers) > 1 else
                f"{_short(first)}->{len(readers)} {pre}_norms")
         out.append(Candidate(ScaleFamily(f"{family}[{tag}]", family, [gens]), cav))
+        if pairs is not None and not problems:
+            out += _permutation(graph, writers, reader_ops, by_norm, tag, pre)
         if pre != "ln":  # some reader only divides by the rms (no mean subtraction): no translation
             continue
         tfam = "ln_residual_translation" if len(writers) > 1 else "ln_translation"
         out.append(Candidate(TranslationFamily(f"{tfam}[{tag}]", tfam, terms, shapes), list(problems) + shared))
     return out
+
+
+def _permutation(graph: Graph, writers, norms, by_norm, tag, pre) -> list[Candidate]:
+    """Swap stream features 0 and 1 everywhere they are written or read: every writer's output axis, every
+    norm's gain and bias, every linear map reading a norm's output (its input positions carrying them).
+    A parameter with several uses (tied input/output embeddings: the embedding writes the stream, the same
+    matrix reads ln_f's output) gets one permutation per axis, which then must agree for all of its uses;
+    a use of a moved parameter that is none of these leaves the transformation broken (named)."""
+    family, site = f"{pre}_residual_permutation", f"stream {tag}"
+    width = norms[0].leaves[norms[0].tensor_positions()[0]].shape[-1]
+    swap = list(range(width))
+    swap[0], swap[1] = 1, 0
+    perms, covered = {}, set()
+
+    def put(name, axis, perm):
+        if name is None:
+            return True
+        old = perms.setdefault((name, axis), perm)
+        return old == perm
+
+    for a in writers:
+        if isinstance(a, str):
+            if not put(a, len(_shape(graph, a)) - 1, swap):
+                return reject(site, family, f"{_short(a)} is moved twice along one axis in different ways") or []
+            continue
+        covered.add(a.op.index)
+        if a.out_axis != -1:   # channels-first (a convolution): its channels reach the norm through a permute
+            return reject(site, family, f"{_short(a.weight)} writes the stream with its features on axis "
+                          f"{a.out_axis}, not last") or []
+        if _shape(graph, a.weight)[a.w_out] != width or not (put(a.weight, a.w_out, swap) and put(a.bias, 0, swap)):
+            return reject(site, family, f"{_short(a.weight)} does not write the stream one feature per output") or []
+    for n in norms:
+        pair = by_norm.get(n.index)
+        if pair is None:
+            return reject(site, family, f"the output of {n.name} at op {n.index} is not read only by linear maps") or []
+        covered.add(n.index)
+        if not (put(pair.producer.weight, 0, swap) and put(pair.producer.bias, 0, swap)):
+            return reject(site, family, "a norm gain is moved in two different ways") or []
+        for r in pair.readers:
+            c = r.consumer
+            covered.add(c.op.index)
+            perm = list(range(_shape(graph, c.weight)[c.w_in]))
+            for x, y in zip(r.groups[0], r.groups[1]):
+                perm[x], perm[y] = y, x
+            if not put(c.weight, c.w_in, perm):
+                return reject(site, family, f"{_short(c.weight)} would be permuted differently by two of its uses "
+                              "(a shared weight read along the same axis in two roles)") or []
+    cav = []
+    by_index = {op.index: op for op in graph.ops}
+    for name, _ in perms:   # a `.T` read that only feeds a covered map is part of that map (FalconLinear)
+        other = {op.name for op, _ in graph.param_uses(name) if op.index not in covered
+                 and not any(_only_feeds(graph, op, by_index[i]) for i in covered)}
+        if other:
+            cav.append(Cause(f"{_short(name)} is also read by {', '.join(sorted(other))}, which the permutation does "
+                             "not account for", "shared", soft=False))
+    terms = [[name, axis, perm] for (name, axis), perm in perms.items()]
+    return [Candidate(Permutation(f"{family}[{tag}](0<->1)", family, terms), cav)]

@@ -99,6 +99,44 @@ def _bert():
     return _build(c, tf.BertForSequenceClassification, _ce, (ids, torch.randint(0, 3, (ids.shape[0],))))
 
 
+def _gpt2_tied():
+    import transformers as tf   # lm_head.weight is transformer.wte.weight: one parameter, two uses
+
+    c = tf.GPT2Config(vocab_size=11, n_positions=20, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=2 * HIDDEN,
+                      activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, initializer_range=0.3)
+    return _build(c, tf.GPT2LMHeadModel)
+
+
+def _t5_hidden_ce(out, y):
+    return F.cross_entropy(out.last_hidden_state[:, -1, :11], y)
+
+
+def _t5():
+    import transformers as tf   # learned relative-position bias: an (buckets, heads) embedding added to the scores
+
+    c = tf.T5Config(vocab_size=11, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN, num_layers=LAYERS,
+                    num_heads=HEADS, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                    dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=False, pad_token_id=0,
+                    eos_token_id=1, decoder_start_token_id=0)
+    return _build(c, tf.T5EncoderModel, _t5_hidden_ce, _ids())
+
+
+def _swin():
+    import transformers as tf   # windowed attention with a relative position bias table (entries, heads)
+
+    c = tf.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=16, depths=[1], num_heads=[4],
+                      window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      drop_path_rate=0.0, num_labels=3, initializer_range=0.3)
+    model, loss, batch = _build(c, tf.SwinForImageClassification, _ce, _images())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the table starts at zero: give each head its own bias so that its columns matter
+        for n, p in model.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model, loss, batch
+
+
 ZOO = {
     "GPT2LMHeadModel": _gpt2,
     "LlamaForCausalLM": _lm("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2),
@@ -113,6 +151,14 @@ ZOO = {
     "Olmo2ForCausalLM": _lm("Olmo2Config", "Olmo2ForCausalLM", num_key_value_heads=2),
     "MixtralForCausalLM": _lm("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
                               num_experts_per_tok=2),
+    "FalconForCausalLM(alibi)": _lm("FalconConfig", "FalconForCausalLM", alibi=True, multi_query=False,
+                                    hidden_dropout=0.0, attention_dropout=0.0),
+    "Qwen3MoeForCausalLM": _lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_key_value_heads=2, head_dim=8,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN,
+                               norm_topk_prob=True, decoder_sparse_step=1),
+    "GPT2LMHeadModel(tied)": _gpt2_tied,
+    "T5EncoderModel": _t5,
+    "SwinForImageClassification": _swin,
     "MobileViTForImageClassification": _mobilevit,
     "BertForSequenceClassification": _bert,
     "ConvNextForImageClassification": _convnext,

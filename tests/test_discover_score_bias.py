@@ -1,0 +1,119 @@
+"""Additive attention-score biases on real `transformers` classes (tiny configs, float64, eager attention).
+
+Learned relative-position biases with a head axis (T5's bias embedding, Swin's bias table): the reported head
+permutation carries the table's head columns, and an independent float64 check (the reported index swaps
+applied by hand, the model run through functional_call) leaves the loss unchanged on the batch and, for
+Swin's images, on inputs x3. Negative: the same swap without the table's columns changes the loss by exactly
+what swapping the table's columns alone does (the two differ by a head relabelling). ALiBi (Falcon with
+alibi=True: fixed per-head slopes, no parameter) makes the head permutation broken, never exact, and a
+control; its loss change is exactly that of swapping the two heads' slopes.
+"""
+import pytest
+import torch
+from torch.func import functional_call
+
+from eqlab.analyses.discover import discover
+from eqlab.analyses.discover.zoo import ZOO
+from eqlab.analyses.identities import check_all
+
+torch.set_num_threads(1)
+EPS = torch.finfo(torch.float64).eps
+# Both sides of every comparison below are one float64 forward of the same function up to the order of its
+# sums (heads into the output projection, softmax and norm rows: <= 64 terms each, ~10 of them in depth), so
+# they agree to ~640·u relative to the loss; 1e3·u·|L| bounds that.
+REL = 1e3 * EPS
+
+
+def _loss(model, loss, batch, params):
+    x, y = batch
+    with torch.no_grad():
+        return float(loss(functional_call(model, params, (x,)), y))
+
+
+def _swapped(params, terms):
+    """The reported swaps applied by hand: each term [param, axis, perm] is a product of disjoint swaps."""
+    out = dict(params)
+    for name, axis, perm in terms:
+        out[name] = out[name].index_select(axis, torch.tensor(perm))
+    return out
+
+
+def _head_permutation(d):
+    (f,) = [f for f in d.found if f.transformation.family == "head_permutation"]
+    return f
+
+
+@pytest.fixture(scope="module", params=["T5EncoderModel", "SwinForImageClassification"])
+def learned(request):
+    model, loss, batch = ZOO[request.param]()
+    return request.param, model, loss, batch, discover(model, loss, batch)
+
+
+def test_learned_bias_head_permutation_carries_the_table_columns(learned):
+    name, model, loss, batch, d = learned
+    f = _head_permutation(d)
+    assert f.verdict == "exact" and f.transformation.expected, f.as_row()
+    params = dict(model.named_parameters())
+    table = _table(f)
+    assert table[1] == 1 and table[2][:2] == [1, 0]          # the head axis of (entries, heads), heads 0 <-> 1
+    base = _loss(model, loss, batch, params)
+    assert abs(_loss(model, loss, batch, _swapped(params, f.transformation.terms)) - base) <= REL * abs(base)
+    if batch[0].is_floating_point():                          # Swin's pixels: the same on inputs x3
+        b3 = (3 * batch[0], batch[1])
+        base3 = _loss(model, loss, b3, params)
+        assert abs(_loss(model, loss, b3, _swapped(params, f.transformation.terms)) - base3) <= REL * abs(base3)
+    # negative: leave the table out; the loss moves by exactly what swapping the table alone does
+    rest = [t for t in f.transformation.terms if t is not table]
+    moved = _loss(model, loss, batch, _swapped(params, rest)) - base
+    expected = _loss(model, loss, batch, _swapped(params, [table])) - base
+    assert abs(expected) > 1e6 * REL * abs(base), expected   # the columns matter on this batch
+    assert abs(moved - expected) <= 2 * REL * abs(base), (moved, expected)
+
+
+def _table(f):
+    (t,) = [t for t in f.transformation.terms if t[0].endswith(("relative_attention_bias.weight",
+                                                               "relative_position_bias_table"))]
+    return t
+
+
+def test_learned_bias_rejects_a_wrong_column_swap(learned):
+    """The projections swap heads 0 and 1; swapping the table columns of heads 2 and 3 instead moves the loss."""
+    name, model, loss, batch, d = learned
+    f = _head_permutation(d)
+    table = _table(f)
+    heads = len(table[2])
+    if heads < 4:
+        pytest.skip(f"{heads} heads: no disjoint wrong pair")
+    wrong = [[n, a, [0, 1, 3, 2] + list(range(4, heads)) if n == table[0] else p] for n, a, p in f.transformation.terms]
+    params = dict(model.named_parameters())
+    base = _loss(model, loss, batch, params)
+    assert abs(_loss(model, loss, batch, _swapped(params, wrong)) - base) > 1e6 * REL * abs(base)
+
+
+def test_alibi_head_permutation_is_broken_and_a_control():
+    import transformers.models.falcon.modeling_falcon as mf
+
+    model, loss, batch = ZOO["FalconForCausalLM(alibi)"]()
+    d = discover(model, loss, batch)
+    f = _head_permutation(d)
+    assert f.verdict == "broken" and f.cause == "fixed_bias" and "ALiBi" in f.reason, f.as_row()
+    assert not f.transformation.expected                    # a control, never a violated symmetry
+    checks = check_all(model.double(), loss, batch, [f.transformation], probes=1)
+    assert {c.verdict for c in checks} == {"rejected"}, [c.as_row() for c in checks]
+    # the loss change is exactly that of swapping the two heads' ALiBi slopes (a head relabelling)
+    params = dict(model.named_parameters())
+    base = _loss(model, loss, batch, params)
+    moved = _loss(model, loss, batch, _swapped(params, f.transformation.terms)) - base
+    original = mf.build_alibi_tensor
+
+    def swapped_slopes(mask, num_heads, dtype):
+        a = original(mask, num_heads, dtype).reshape(mask.shape[0], num_heads, 1, -1)
+        return a[:, [1, 0] + list(range(2, num_heads))].reshape(mask.shape[0] * num_heads, 1, -1)
+
+    mf.build_alibi_tensor = swapped_slopes
+    try:
+        expected = _loss(model, loss, batch, params) - base
+    finally:
+        mf.build_alibi_tensor = original
+    assert abs(expected) > 1e6 * REL * abs(base)
+    assert abs(moved - expected) <= 2 * REL * abs(base), (moved, expected)
