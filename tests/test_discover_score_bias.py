@@ -117,3 +117,26 @@ def test_alibi_head_permutation_is_broken_and_a_control():
         mf.build_alibi_tensor = original
     assert abs(expected) > 1e6 * REL * abs(base)
     assert abs(moved - expected) <= 2 * REL * abs(base), (moved, expected)
+
+
+def test_a_bias_table_shared_by_blocks_needs_one_joint_head_permutation():
+    """T5 computes its relative-position bias in block 0 and every later block adds the same tensor: a head
+    swap of one block alone moves the other's bias (broken, cause shared, a control); the swap of both blocks
+    with the table's columns moved once is exact. Negative: block 0's swap alone moves the loss exactly as
+    much as swapping block 1's projections alone does (their composition is the exact joint swap)."""
+    model, loss, batch = ZOO["T5EncoderModel(2 layers)"]()
+    d = discover(model, loss, batch)
+    hp = [f for f in d.found if f.transformation.family == "head_permutation"]
+    (joint,) = [f for f in hp if "blocks sharing" in f.transformation.name]
+    single = [f for f in hp if f is not joint]
+    assert joint.verdict == "exact" and len(single) == 2, [f.as_row() for f in hp]
+    assert all(f.verdict == "broken" and f.cause == "shared" and not f.transformation.expected for f in single)
+    params = dict(model.named_parameters())
+    base = _loss(model, loss, batch, params)
+    assert abs(_loss(model, loss, batch, _swapped(params, joint.transformation.terms)) - base) <= REL * abs(base)
+    block0 = next(f for f in single if "block.0." in f.transformation.name).transformation.terms
+    block1_only = [t for t in joint.transformation.terms if ".block.1." in t[0]]
+    moved = _loss(model, loss, batch, _swapped(params, block0)) - base
+    expected = _loss(model, loss, batch, _swapped(params, block1_only)) - base
+    assert abs(expected) > 1e6 * REL * abs(base)
+    assert abs(moved - expected) <= 2 * REL * abs(base), (moved, expected)

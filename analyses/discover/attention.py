@@ -14,7 +14,7 @@ from eqlab.analyses.discover.explain import reject
 from eqlab.analyses.discover.graph import Graph
 from eqlab.analyses.discover.patterns import Candidate, _producer_affine, _shape, _short
 from eqlab.analyses.discover.ops import affine, shared_caveats
-from eqlab.analyses.transforms import GLFamily, TranslationFamily
+from eqlab.analyses.transforms import GLFamily, Permutation, TranslationFamily
 
 _MASKING = {"add", "mul", "div", "__add__", "__mul__", "__truediv__", "masked_fill", "where", "type", "to"}
 
@@ -164,7 +164,7 @@ def _rotary_qk(graph: Graph, q, kt, sm):
 def attention_groups(graph: Graph) -> list:
     """Q/K, V/O and head-permutation candidates of every attention block: each side is found on its own,
     so a Q/K path the finder cannot read (a QK norm) does not hide the V/O change of basis."""
-    out, bias_readers = [], _bias_readers(graph)
+    out, bias_readers, joint = [], _bias_readers(graph), {}
     for op in graph.ops_named("matmul"):
         P = op.tensor_positions()
         if len(P) != 2:
@@ -196,8 +196,27 @@ def attention_groups(graph: Graph) -> list:
                    "the query/key head layout could not be read (labels do not pass the Q/K path)")
             continue
         biases = score_bias.score_biases(graph, op.outputs[0], sm)
-        out += _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k, biases, bias_readers)
-    return out
+        swaps = _head_swap(graph, (aq, ak) + vo.heads, heads_q, heads_k, biases, bias_readers)
+        shared = tuple(sorted(n for n, _, _ in biases.learned if bias_readers.get(n, 1) > 1))
+        if shared and swaps:
+            joint.setdefault(shared, []).append(swaps[0])
+        out += swaps
+    return out + [c for names, cs in joint.items() if (c := _joint_swap(graph, names, cs)) is not None]
+
+
+def _joint_swap(graph: Graph, tables, swaps):
+    """One head permutation of every block that adds the same learned bias table (T5: the first block's
+    relative-position bias, reused by all): the blocks' swaps together, the table's columns moved once."""
+    perms, site = {}, f"score bias {', '.join(_short(t) for t in tables)}"
+    for c in swaps:
+        for name, axis, perm in c.transformation.terms:
+            if perms.setdefault((name, axis), perm) != perm:
+                return reject(site, "head_permutation", f"the blocks sharing the table swap different heads "
+                              f"({_short(name)})")
+    cav = [cv for c in swaps for cv in c.caveats if getattr(cv, "kind", "") != "shared"]
+    terms = [[n, a, p] for (n, a), p in perms.items()]
+    return Candidate(Permutation(f"head_permutation[{len(swaps)} blocks sharing {_short(tables[0])}]",
+                                 "head_permutation", terms), cav)
 
 
 def _bias_readers(graph: Graph) -> dict:

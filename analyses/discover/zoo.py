@@ -112,10 +112,11 @@ def _t5_hidden_ce(out, y):
     return F.cross_entropy(out.last_hidden_state[:, -1, :11], y)
 
 
-def _t5():
+def _t5(layers=LAYERS):
     import transformers as tf   # learned relative-position bias: an (buckets, heads) embedding added to the scores
+    # (computed in the first block, reused by every later one: a head permutation must move all blocks at once)
 
-    c = tf.T5Config(vocab_size=11, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN, num_layers=LAYERS,
+    c = tf.T5Config(vocab_size=11, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN, num_layers=layers,
                     num_heads=HEADS, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                     dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=False, pad_token_id=0,
                     eos_token_id=1, decoder_start_token_id=0)
@@ -158,6 +159,7 @@ ZOO = {
                                norm_topk_prob=True, decoder_sparse_step=1),
     "GPT2LMHeadModel(tied)": _gpt2_tied,
     "T5EncoderModel": _t5,
+    "T5EncoderModel(2 layers)": lambda: _t5(layers=2),
     "SwinForImageClassification": _swin,
     "MobileViTForImageClassification": _mobilevit,
     "BertForSequenceClassification": _bert,
