@@ -353,8 +353,9 @@ def _conservation_sql(t: Tables) -> str:
 def _conservation_points(t: Tables, rows: list[dict]) -> list[dict]:
     """The conservation rows with what the drift fit needs of each: ``checkpoint`` (seed and step), ``cell``
     (the fit's intercept group: that checkpoint within one sweep and one transformation, as
-    `findings_drift.drift_rows` forms them), ``level`` (the change's rounding level, `findings_drift.rounding_level`), ``sweep`` (None: the
-    run is in no sweep) and ``in_fit`` (the run ended ok and the change is above its level)."""
+    `findings_drift.drift_rows` forms them), ``level`` (the change's rounding level,
+    `findings_drift.rounding_level`), ``sweep`` (None: the run is in no sweep) and ``in_fit`` (the run
+    ended ok and the change is above its level: the points `analyses.drift.fit_drift_slope` keeps)."""
     from eqlab.pipeline.findings_drift import rounding_level
 
     runs = {} if t.why_empty("runs") else {
@@ -398,12 +399,12 @@ _conservation = TableSection(
 
 def finding_groups():
     """`eqlab reproduce`'s findings (1-6, in its order): (number, its reproduce.Finding, the row finding
-    names that belong to it, finding 3's measurement-only block_sharpness included)."""
+    names that belong to it: its predictions, then its measurements, finding 3's block_sharpness included)."""
     from eqlab.pipeline.report_findings import BLOCK_SHARPNESS
     from eqlab.pipeline.reproduce import FINDINGS
 
-    return [(i + 1, f, ((BLOCK_SHARPNESS,) if f.name == "blocks" else ()) + f.row_findings)
-            for i, f in enumerate(FINDINGS)]
+    return [(i + 1, f, f.row_findings + tuple(getattr(f, "measured", ()))
+             + ((BLOCK_SHARPNESS,) if f.name == "blocks" else ())) for i, f in enumerate(FINDINGS)]
 
 
 def _theory_figure(name: str, t: Tables, rows: list[dict]):
@@ -426,9 +427,10 @@ THEORY = {  # reproduce name -> (alt text, caption) of the finding's own figure
                "tolerance; right, each block's λ_max against its ‖θ_B‖² at every checkpoint (the blocks × steps "
                "heatmap is the per-block section's). Hollow: negative controls (one-sided moves, shuffled pairings)."),
     "indefinite": ("finding 4: lambda_min against the Rayleigh-Ritz bound",
-                   "Indefiniteness (findings rows indefiniteness): left, each scale-invariant block's λ_min (Lanczos) "
+                   "Indefiniteness (findings rows indefiniteness, indefinite_hessian_min): left, each scale-invariant block's λ_min (Lanczos) "
                    "against the bound −‖g_S‖²/(μ₊‖θ_S‖²), shaded where the bound holds; hollow: the convex classifier "
-                   "head (λ_min = 0), which must miss it; right, λ_min and the bound over training."),
+                   "head (λ_min = 0), which must miss it; stars: the whole Hessian's λ_min against the sharpest "
+                   "block's bound (indefinite_hessian_min); right, each block's λ_min and its bound over training."),
     "drift": ("finding 5: drift against learning rate with fitted and predicted slopes",
               "Conservation drift (findings rows conservation_drift_slope, one per lr sweep and conserved family, "
               "over the conservation rows of the sweep's runs): first, each sweep's fitted log–log slope ± its "
@@ -456,7 +458,7 @@ def _findings_sql(t: Tables) -> str:
 
 
 def _findings_section(t: Tables, sec: Section, out: Path, rows: list[dict]) -> None:
-    from eqlab.pipeline.report_findings import finding
+    from eqlab.pipeline.report_findings import DRAWS, finding
 
     present = {r["finding"] for r in rows}
     groups = finding_groups()
@@ -482,13 +484,15 @@ def _findings_section(t: Tables, sec: Section, out: Path, rows: list[dict]) -> N
                 generic(names.index(name), name)
         if f.name not in THEORY:
             continue
-        if mine:
+        drawn = DRAWS[f.name]
+        if any(r["finding"] in drawn for r in mine):
             alt, caption = THEORY[f.name]
-            _figure(sec, out, f"theory-{f.name}", _theory_figure(f.name, t, mine), alt, caption)
+            _figure(sec, out, f"theory-{f.name}", _theory_figure(f.name, t, [r for r in mine if r["finding"] in drawn]),
+                    alt, caption)
         else:
             sec.note(f"no figure of finding {number} ({f.name}): the findings table has no rows of "
-                     f"{', '.join(row_names)}" + (" (it needs an lr sweep: runs that differ only in lr and seed)"
-                                                  if f.name == "drift" else ""))
+                     f"{', '.join(drawn)}" + (" (it needs an lr sweep: runs that differ only in lr and seed)"
+                                              if f.name == "drift" else ""))
     others = [n for n in names if n not in known]
     if others:
         sec.parts.append("<h3>Other findings</h3>")
@@ -506,7 +510,8 @@ def _drift_slopes(rows: list[dict]) -> dict[tuple, str]:
     for r in sorted((r for r in rows if r["finding"] == DRIFT), key=lambda r: _rf().natural_key(r["transformation"])):
         p, se = r["statistic"], r["statistic_std"]
         slope = ("no slope" if p is None or not math.isfinite(p) else
-                 f"{p:.3g}" + (f" ± {se:.2g}" if se is not None and math.isfinite(se) else ""))
+                 f"{p:.3g}" + (f" ± {se:.2g}" if se is not None and math.isfinite(se) else
+                               " ± ? (no degrees of freedom for an SE)"))
         out.setdefault((r["finding"], r["run_id"], r["symmetry"], bool(r["control"])), []).append(
             f"{r['transformation']}: {slope} (predicted {fmt(r['predicted'])})")
     return {k: "; ".join(v) for k, v in out.items()}

@@ -23,9 +23,12 @@ from eqlab.pipeline.report_figures import _by, _clip, _grid, _mark_floor, _step_
 # `eqlab reproduce` does not list because they have no verdict to count; the test checks the name
 BLOCK_SHARPNESS = "block_sharpness"
 CONGRUENCE, IMBALANCE = BY_NAME["blocks"].finding, BY_NAME["blocks"].also[0]
-INDEFINITENESS = BY_NAME["indefinite"].finding
+INDEFINITENESS, HESSIAN_MIN = BY_NAME["indefinite"].finding, BY_NAME["indefinite"].also[0]
 DRIFT = BY_NAME["drift"].finding
 SADDLE_SPECTRUM, (SUBSPACE_INVARIANCE, WD_THRESHOLD) = BY_NAME["saddles"].finding, BY_NAME["saddles"].also[:2]
+# the row findings each theory figure draws, by `eqlab reproduce` name
+DRAWS = {"blocks": (CONGRUENCE, IMBALANCE, BLOCK_SHARPNESS), "indefinite": (INDEFINITENESS, HESSIAN_MIN),
+         "drift": (DRIFT,), "saddles": (SADDLE_SPECTRUM, WD_THRESHOLD)}
 
 
 def _symlog_both(ax, vals) -> None:
@@ -230,18 +233,21 @@ def _sharpness_norm(ax, rows) -> None:
 
 def indefiniteness(rows: list[dict]) -> Figure | None:
     """Finding 4's theory: a scale-invariant block with g_S ≠ 0 has λ_min ≤ −‖g_S‖²/(μ₊‖θ_S‖²), the
-    Rayleigh–Ritz bound on span{θ_S, g_S}. Left: λ_min (statistic) against the bound (predicted), the region
-    where the bound holds (y ≤ x) shaded; the control (the convex head, λ_min = 0) must sit above the line.
+    Rayleigh–Ritz bound on span{θ_S, g_S}, and so does the whole Hessian against the sharpest block's bound.
+    Left: λ_min (statistic) against the bound (predicted), blocks and the whole H (stars), the region where
+    the bound holds (y ≤ x) shaded; the control (the convex head, λ_min = 0) must sit above the line.
     Right: each block's λ_min and its bound over training."""
-    rows = [r for r in rows if r["finding"] == INDEFINITENESS and _finite(r["statistic"]) and _finite(r["predicted"])]
+    rows = [r for r in rows if r["finding"] in (INDEFINITENESS, HESSIAN_MIN) and _finite(r["statistic"])
+            and _finite(r["predicted"])]
     if not rows:
         return None
     from eqlab.pipeline.report_figures import _symlog_y
 
     fig = Figure(figsize=(12.5, 4.6), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
-    for (control, verdict), pts in _by(rows, "control", "verdict").items():
-        a1.scatter([r["predicted"] for r in pts], [r["statistic"] for r in pts], **_verdict_kw(control, verdict))
+    for (name, control, verdict), pts in _by(rows, "finding", "control", "verdict").items():
+        kw = _verdict_kw(control, verdict) | ({"marker": "*", "s": 70} if name == HESSIAN_MIN else {})
+        a1.scatter([r["predicted"] for r in pts], [r["statistic"] for r in pts], **kw)
     vals = [r["predicted"] for r in rows] + [r["statistic"] for r in rows]
     _symlog_both(a1, vals)
     lo, hi = min(vals), max(vals)
@@ -251,8 +257,10 @@ def indefiniteness(rows: list[dict]) -> Figure | None:
     a1.set_xlabel("bound −‖g_S‖²/(μ₊‖θ_S‖²)")
     a1.set_ylabel("λ_min of the block (Lanczos)")
     a1.set_title(f"negative curvature against its bound ({INDEFINITENESS})", fontsize=10)
-    a1.legend(handles=_verdict_handles(rows), fontsize=7)
-    blocks = [r for r in rows if not r["control"]]
+    whole = [Line2D([], [], ls="", marker="*", ms=9, color="0.3", label=f"whole H ({HESSIAN_MIN}): λ_min(H) "
+                    "against the sharpest block's bound")] if any(r["finding"] == HESSIAN_MIN for r in rows) else []
+    a1.legend(handles=_verdict_handles(rows) + whole, fontsize=7)
+    blocks = [r for r in rows if r["finding"] == INDEFINITENESS and not r["control"]]
     keys = sorted({(r["run_id"], r["transformation"]) for r in blocks}, key=lambda k: [natural_key(x) for x in k])
     for i, key in enumerate(keys):
         pts = sorted((r for r in blocks if (r["run_id"], r["transformation"]) == key), key=lambda r: r["step"])
@@ -336,6 +344,8 @@ def _sweep(ax, sweep, preds, points) -> None:
     ax.set_title(text(f"{sweep}: drift against the learning rate"), fontsize=10)
     if not points:
         ax.text(0.5, 0.5, "no conservation rows of this sweep's runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
         return
     fit_of = {(r["transformation"], r["symmetry"]): r for r in preds}
     fams = sorted({(p["transformation"], p["symmetry"]) for p in points}, key=lambda k: natural_key(k[0]))

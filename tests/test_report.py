@@ -354,7 +354,8 @@ def test_theory_figures_draw_the_findings_rows(report):
 
     # the report reads the row finding names from `eqlab reproduce`'s list (no torch): the builders' own
     assert (rfn.BLOCK_SHARPNESS, rfn.CONGRUENCE, rfn.IMBALANCE) == findings_blocks.ROW_FINDINGS
-    assert rfn.INDEFINITENESS == findings_indefinite.FINDING and rfn.DRIFT == findings_drift.FINDING
+    assert (rfn.INDEFINITENESS, rfn.HESSIAN_MIN) == (findings_indefinite.FINDING, findings_indefinite.HESSIAN_MIN)
+    assert rfn.DRIFT == findings_drift.FINDING
     assert {rfn.SADDLE_SPECTRUM, rfn.SUBSPACE_INVARIANCE, rfn.WD_THRESHOLD} == set(findings_discrete.ROW_FINDINGS)
     results, _, page = report
     rows = _finding_rows(results)
@@ -367,8 +368,9 @@ def test_theory_figures_draw_the_findings_rows(report):
     lowest = min(y for _, y in positive)  # an exact 0 is drawn a decade below it (report_figures.zero_floor)
     assert positive and {p for p in _offsets(blocks.axes[2]) if p[1] >= lowest} == positive
 
-    ind = of(rfn.INDEFINITENESS)
+    ind = of(rfn.INDEFINITENESS, rfn.HESSIAN_MIN)
     fig = rfn.indefiniteness(ind)
+    assert {r["finding"] for r in ind} == {rfn.INDEFINITENESS, rfn.HESSIAN_MIN}
     assert ind and _offsets(fig.axes[0]) == {(r["predicted"], r["statistic"]) for r in ind}
     assert any(r["control"] for r in ind) and any(not r["control"] for r in ind)
 
@@ -411,12 +413,11 @@ def test_theory_figures_absent_with_a_note_without_their_rows(study_results, tmp
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from eqlab.pipeline.report_findings import BLOCK_SHARPNESS, BY_NAME
+    from eqlab.pipeline.report_findings import DRAWS
 
     results = tmp_path / "results"
     shutil.copytree(study_results, results)
-    gone = [BLOCK_SHARPNESS] + [n for f in ("blocks", "indefinite", "drift", "saddles")
-                                for n in BY_NAME[f].row_findings]
+    gone = [n for names in DRAWS.values() for n in names]  # the rows each theory figure draws
     for f in store.table_files(results, "findings"):
         t = pq.read_table(f)
         kept = t.filter(pc.invert(pc.is_in(t.column("finding"), value_set=pa.array(gone, pa.string()))))
@@ -437,6 +438,6 @@ def test_theory_figures_absent_with_a_note_without_their_rows(study_results, tmp
     assert len(notes) == 4, page.notes
     for number, name in ((3, "blocks"), (4, "indefinite"), (5, "drift"), (6, "saddles")):
         note = next(n for n in notes if n.startswith(f"no figure of finding {number} ({name})"))
-        assert all(r in note for r in BY_NAME[name].row_findings), note
+        assert all(r in note for r in DRAWS[name]), note
     assert "lr sweep" in next(n for n in notes if "(drift)" in n)
 
