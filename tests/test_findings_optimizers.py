@@ -145,6 +145,14 @@ def test_a_run_that_did_not_finish_ok_is_left_out_and_named(tmp_path):
     assert all("runs left out (not ok): gpt-sgd" in r["tolerance_reason"] for r in rows)
 
 
+def test_no_block_rows_no_comparison_rows_and_the_log_says_why(tmp_path):
+    study = parse_study(STUDY, "test")
+    lines = []
+    assert write_optimizer_findings(tmp_path, study, lines.append) == {}
+    assert len(lines) == 1 and "no rows" in lines[0] and "block_anisotropy" in lines[0]
+    assert store.read_table(tmp_path, "findings").num_rows == 0
+
+
 # ---------------------------------------------------------------- real training, dense float64 oracle
 def _gpt2():
     model, loss, batch = hf_tiny.gpt2(n_layer=1, n_head=3, n_embd=6, vocab=7, seq=4, n=8, activation="relu",
