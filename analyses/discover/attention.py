@@ -157,7 +157,8 @@ def _rotary_qk(graph: Graph, q, kt, sm):
                f"the scores, which keep only their commutant ({len(basis)} of {m * m} generators per head)"
                if moving else "a linear map between the projections and the scores keeps only "
                f"{len(basis)} of {m * m} generators per head")
-        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav + [why]))
+        # known by construction not to hold: a hard cause, so the full GL is a control next to its commutant
+        out.append(Candidate(GLFamily(f"qk_gl[{where}]", "qk_gl", blocks), cav + [Cause(why, "rotary", soft=False)]))
     return out, (aq, ak, sq, sk)
 
 
