@@ -40,7 +40,12 @@ def minilm_cls(o: dict) -> dict:
 
 def gpt2_text(o: dict) -> dict:
     out = {**ATTENTION, **layer_norm(o, "layer_norm_epsilon"), **BIAS_TRANSFERS, "permutation": RELU["permutation"]}
-    if not o["tie_word_embeddings"]:
+    if o["tie_word_embeddings"]:
+        # the token embedding writes the residual stream and (tied) reads it as the unembedding: a shift or a
+        # scale of the stream would have to move that one matrix two ways at once (discovery: broken, shared)
+        out.pop("ln_residual_translation")
+        out.pop("ln_residual_scale", None)
+    else:
         out.update(SOFTMAX)
     if o["activation"] == "relu":
         out["relu_rescale"] = RELU["relu_rescale"]

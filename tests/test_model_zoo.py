@@ -227,6 +227,20 @@ def test_declared_symmetries_hold_in_float64_and_controls_fail(family):
     assert worst.residual >= 1e3 * worst.tolerance, [(c.order, c.residual, c.tolerance) for c in checks]
 
 
+def test_tied_gpt2_text_declares_no_stream_symmetry_the_shared_matrix_breaks():
+    """Tied embeddings (the unembedding is the token embedding that writes the stream): the stream's shift and
+    scale are not declared (discovery finds them broken, cause shared), so nothing is reported missing; the
+    untied model declares both and discovery verifies them."""
+    tied = {**SMALL["gpt2_text"], "tie_word_embeddings": True}
+    _, _, _, found = _discovered("gpt2_text", tied)
+    assert missing_symmetries("gpt2_text", tied, found) == []
+    stream = {"ln_residual_translation", "ln_residual_scale"}
+    assert stream <= set(expected_symmetries("gpt2_text", SMALL["gpt2_text"]))
+    assert not stream & set(expected_symmetries("gpt2_text", tied))
+    broken = [f for f in found.found if f.transformation.family in stream]
+    assert broken and not any(f.verified for f in broken), [f.as_row() for f in broken]
+
+
 def test_any_local_bert_checkpoint_folder_fine_tunes_the_same_way(tmp_path):
     """hf_text_cls on a folder saved here: a small BERT (random weights, MiniLM's tokenizer files)."""
     from safetensors.torch import load_file
