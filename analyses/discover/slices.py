@@ -3,40 +3,26 @@
 `ScaleFamily` terms select positions along one axis (a row of a linear map). Experts stored as one 3-d
 tensor (transformers 5's fused MoE: gate_up_proj (E, 2I, H), down_proj (E, H, I)) need unit r *of expert e*,
 positions along two axes; ``[P, [0, 1], [[e], [r]], 1.0]`` is P[e, r, :]. Everything else (the finite
-element e^{sD}, its tangent and cotangent maps) is ScaleFamily's, with D the sum of the terms' products of
-axis indicators. Registered for JSON like the toolbox's own transformations.
+element e^{sD}, its tangent and cotangent maps) is `DiagonalScale`'s, shared with ScaleFamily, with D the
+sum of the terms' products of axis indicators. Registered for JSON like the toolbox's own transformations.
 """
 from __future__ import annotations
 
 import torch
 
 from eqlab.analyses.transforms.base import _register
-from eqlab.analyses.transforms.continuous import Continuous, _check_len
+from eqlab.analyses.transforms.continuous import DiagonalScale
 
 
 @_register
-class SliceScaleFamily(Continuous):
-    """Generator k scales the slice (param, axes, indices) by ``coef`` for each of its terms: ξ_k = D_k ⊙ θ."""
+class SliceScaleFamily(DiagonalScale):
+    """Generator k scales the slice (param, axes, indices) by ``coef`` for each of its terms: ξ_k = D_k ⊙ θ.
+    Not a ScaleFamily: code that reads ScaleFamily terms as [param, dim, index, coef] must not see these."""
 
     def __init__(self, name, family, generators, output_scale=None, loss_rate=None, expected=True):
-        super().__init__(name, family, expected)
-        self.generators = [[[p, [int(a) for a in axes], [[int(j) for j in ix] for ix in idx], float(k)]
-                            for p, axes, idx, k in g] for g in generators]
-        _check_len("output_scale", output_scale, len(self.generators))
-        _check_len("loss_rate", loss_rate, len(self.generators))
-        self.output_scale = None if output_scale is None else [float(x) for x in output_scale]
-        self.loss_rate = None if loss_rate is None else [float(x) for x in loss_rate]
-
-    @property
-    def params(self):
-        return list(dict.fromkeys(t[0] for g in self.generators for t in g))
-
-    @property
-    def n_generators(self):
-        return len(self.generators)
-
-    def _fields(self):
-        return {"generators": self.generators, "output_scale": self.output_scale, "loss_rate": self.loss_rate}
+        super().__init__(name, family, [[[p, [int(a) for a in axes], [[int(j) for j in ix] for ix in idx], float(k)]
+                                         for p, axes, idx, k in g] for g in generators],
+                         output_scale, loss_rate, expected)
 
     def field(self, theta, c):
         D = {n: torch.zeros_like(theta[n]) for n in self.params}
@@ -52,16 +38,3 @@ class SliceScaleFamily(Continuous):
                     mask = mask & vec.reshape(shape)
                 t += (ck * k) * mask.to(t.dtype)
         return D
-
-    def xi(self, theta, c):
-        D = self.field(theta, c)
-        return {n: D[n] * theta[n] for n in D}
-
-    def exp(self, theta, c, s):
-        D = self.field(theta, c)
-        return {n: torch.exp(s * D[n]) * theta[n] for n in D}
-
-    tangent = exp
-
-    def cotangent(self, v, c, s):
-        return self.exp(v, c, -s)

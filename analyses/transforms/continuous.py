@@ -50,17 +50,14 @@ def _check_len(name, values, n):
         raise ValueError(f"{name} has {len(values)} entries for {n} generators")
 
 
-@_register
-class ScaleFamily(Continuous):
-    """Diagonal linear generators: generator k scales slice (param, dim, index) by ``coef`` for each of its
-    terms, ξ_k(θ) = D_k ⊙ θ. BN scale, ReLU/LN-gain rescale, residual-stream scale, homogeneity."""
+class DiagonalScale(Continuous):
+    """ξ_k(θ) = D_k ⊙ θ for generators given as lists of terms whose first entry is the parameter name; a
+    subclass says how its terms select positions (`field`). The finite element e^{sD}, its tangent and
+    cotangent maps follow from D alone."""
 
-    def __init__(self, name, family, generators: Sequence[Sequence[Sequence]], output_scale=None,
-                 loss_rate=None, expected=True):
+    def __init__(self, name, family, generators, output_scale=None, loss_rate=None, expected=True):
         super().__init__(name, family, expected)
-        # each term: [param, dim (int or None), index (list or None), coef]
-        self.generators = [[[p, d, None if i is None else list(map(int, i)), float(k)] for p, d, i, k in g]
-                           for g in generators]
+        self.generators = generators
         _check_len("output_scale", output_scale, len(self.generators))
         _check_len("loss_rate", loss_rate, len(self.generators))
         self.output_scale = None if output_scale is None else [float(x) for x in output_scale]
@@ -78,19 +75,7 @@ class ScaleFamily(Continuous):
         return {"generators": self.generators, "output_scale": self.output_scale, "loss_rate": self.loss_rate}
 
     def field(self, theta, c: Tensor) -> ParamDict:
-        """D(c) = Σ_k c_k D_k, accumulated per (param, axis) so its cost is O(#terms + #params)."""
-        D = {n: torch.zeros_like(theta[n]) for n in self.params}
-        for ck, g in zip(c.tolist(), self.generators):
-            for p, d, i, k in g:
-                t = D[p]
-                if d is None:
-                    t += ck * k
-                else:
-                    sel = _idx(i, t.shape[d], t.device)
-                    vec = torch.zeros(t.shape[d], dtype=t.dtype, device=t.device)
-                    vec[sel] += ck * k
-                    t += _vec_along(t, d, vec)
-        return D
+        raise NotImplementedError
 
     def xi(self, theta, c):
         D = self.field(theta, c)
@@ -104,6 +89,34 @@ class ScaleFamily(Continuous):
 
     def cotangent(self, v, c, s):
         return self.exp(v, c, -s)
+
+
+@_register
+class ScaleFamily(DiagonalScale):
+    """Diagonal linear generators: generator k scales slice (param, dim, index) by ``coef`` for each of its
+    terms, ξ_k(θ) = D_k ⊙ θ. BN scale, ReLU/LN-gain rescale, residual-stream scale, homogeneity."""
+
+    def __init__(self, name, family, generators: Sequence[Sequence[Sequence]], output_scale=None,
+                 loss_rate=None, expected=True):
+        # each term: [param, dim (int or None), index (list or None), coef]
+        super().__init__(name, family, [[[p, d, None if i is None else list(map(int, i)), float(k)]
+                                         for p, d, i, k in g] for g in generators],
+                         output_scale, loss_rate, expected)
+
+    def field(self, theta, c: Tensor) -> ParamDict:
+        """D(c) = Σ_k c_k D_k, accumulated per (param, axis) so its cost is O(#terms + #params)."""
+        D = {n: torch.zeros_like(theta[n]) for n in self.params}
+        for ck, g in zip(c.tolist(), self.generators):
+            for p, d, i, k in g:
+                t = D[p]
+                if d is None:
+                    t += ck * k
+                else:
+                    sel = _idx(i, t.shape[d], t.device)
+                    vec = torch.zeros(t.shape[d], dtype=t.dtype, device=t.device)
+                    vec[sel] += ck * k
+                    t += _vec_along(t, d, vec)
+        return D
 
 
 @_register
