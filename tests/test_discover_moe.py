@@ -7,25 +7,15 @@ edited by hand, the model run through functional_call) and a negative control th
 amount known in closed form."""
 import pytest
 import torch
-from torch.func import functional_call
 
 from eqlab.analyses.discover import discover
 from eqlab.analyses.discover.slices import SliceScaleFamily
 from eqlab.analyses.discover.zoo import ZOO
 from eqlab.analyses.transforms import Transformation
 
+from hand_checks import REL, loss_at as _loss
+
 torch.set_num_threads(1)
-EPS = torch.finfo(torch.float64).eps
-# Both sides of each comparison are float64 forwards of one function up to the order of their sums (experts
-# accumulated by index_add_ in another order, <= 64-term dot products, ~10 deep): ~640·u relative to the
-# loss, bounded by 1e3·u·|L|.
-REL = 1e3 * EPS
-
-
-def _loss(model, loss, batch, params):
-    x, y = batch
-    with torch.no_grad():
-        return float(loss(functional_call(model, params, (x,)), y))
 
 
 @pytest.fixture(scope="module", params=["MixtralForCausalLM", "Qwen3MoeForCausalLM"])

@@ -10,32 +10,14 @@ control; its loss change is exactly that of swapping the two heads' slopes.
 """
 import pytest
 import torch
-from torch.func import functional_call
 
 from eqlab.analyses.discover import discover
 from eqlab.analyses.discover.zoo import ZOO
 from eqlab.analyses.identities import check_all
 
+from hand_checks import REL, loss_at as _loss, swapped as _swapped
+
 torch.set_num_threads(1)
-EPS = torch.finfo(torch.float64).eps
-# Both sides of every comparison below are one float64 forward of the same function up to the order of its
-# sums (heads into the output projection, softmax and norm rows: <= 64 terms each, ~10 of them in depth), so
-# they agree to ~640·u relative to the loss; 1e3·u·|L| bounds that.
-REL = 1e3 * EPS
-
-
-def _loss(model, loss, batch, params):
-    x, y = batch
-    with torch.no_grad():
-        return float(loss(functional_call(model, params, (x,)), y))
-
-
-def _swapped(params, terms):
-    """The reported swaps applied by hand: each term [param, axis, perm] is a product of disjoint swaps."""
-    out = dict(params)
-    for name, axis, perm in terms:
-        out[name] = out[name].index_select(axis, torch.tensor(perm))
-    return out
 
 
 def _head_permutation(d):

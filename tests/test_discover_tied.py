@@ -10,30 +10,14 @@ tie_word_embeddings=True (lm_head.weight is transformer.wte.weight; tiny config,
 """
 import pytest
 import torch
-from torch.func import functional_call
 
 from eqlab.analyses.discover import discover
 from eqlab.analyses.discover.zoo import ZOO
 
+from hand_checks import REL, loss_at as _loss, swapped as _swapped
+
 torch.set_num_threads(1)
-EPS = torch.finfo(torch.float64).eps
-# Both sides are float64 forwards of one function up to the order of their sums (<= 64 terms, ~10 deep):
-# ~640·u relative to the loss, bounded by 1e3·u·|L|.
-REL = 1e3 * EPS
 WTE = "transformer.wte.weight"
-
-
-def _loss(model, loss, batch, params):
-    x, y = batch
-    with torch.no_grad():
-        return float(loss(functional_call(model, params, (x,)), y))
-
-
-def _swapped(params, terms):
-    out = dict(params)
-    for name, axis, perm in terms:
-        out[name] = out[name].index_select(axis, torch.tensor(perm))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 
 from eqlab.analyses.discover.algebra import activation_algebra, algebra_cause
 from eqlab.analyses.discover.explain import reject
+from eqlab.analyses.discover.gated import product_factors
 from eqlab.analyses.discover.graph import Graph, axis_labels
 from eqlab.analyses.discover.ops import ELEMENTWISE_ACT, affine, shared_caveats
 from eqlab.analyses.discover.patterns import Candidate, _short
@@ -81,12 +82,10 @@ def _side(graph: Graph, x, linears):
 def _gated(graph: Graph, op, linears):
     """The two factors of one expert's gated product and the expert map reading it, or None (with a reason
     recorded when the product is made of expert maps)."""
+    xs = product_factors(graph, op)
+    if xs is None:
+        return None
     P = op.tensor_positions()
-    if len(P) != 2 or len(op.outputs) != 1:
-        return None
-    xs = [op.leaves[p] for p in P]
-    if any(graph.param(x) or x.shape != op.outputs[0].shape for x in xs):
-        return None
     sides = [_side(graph, x, linears) for x in xs]
     if any(s is None for s in sides):
         return None

@@ -36,13 +36,23 @@ def _side(graph: Graph, t):
     return a, pre + [(act, act.tensor_positions()[0], 0)] + post, act.name, act
 
 
-def _pairs(graph: Graph, op):
+def product_factors(graph: Graph, op):
+    """The two factors of an elementwise product of activations (no parameter, both of the output's shape),
+    or None."""
     P = op.tensor_positions()
     if len(P) != 2 or len(op.outputs) != 1:
         return None
     xs = [op.leaves[p] for p in P]
     if any(graph.param(x) or x.shape != op.outputs[0].shape for x in xs):
         return None
+    return xs
+
+
+def _pairs(graph: Graph, op):
+    xs = product_factors(graph, op)
+    if xs is None:
+        return None
+    P = op.tensor_positions()
     sides = [_side(graph, x) for x in xs]
     found = _linear_readers(graph, op.outputs[0], pooling=False)
     if any(s is None for s in sides) or not found or sides[0][0].op is sides[1][0].op:

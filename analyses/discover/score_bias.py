@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from eqlab.analyses.discover.norms import _replay
 
 _ADD = {"add", "__add__", "__radd__", "add_"}
 HEAD_AXIS = -3   # scores (batch..., heads, queries, keys)
@@ -45,18 +46,6 @@ def _path_adds(graph, t, sm):
     return out
 
 
-def _replay(graph, ops, source, value):
-    """The recorded ``ops`` (in order) replayed with tensor ``source`` replaced by ``value``: id -> tensor."""
-    env = {id(source): value}
-    for op in ops:
-        leaves = [env.get(id(x), x) if torch.is_tensor(x) else x for x in op.leaves]
-        args, kwargs = tree_unflatten(leaves, op.spec)
-        outs = [x for x in tree_flatten(op.func(*args, **kwargs))[0] if torch.is_tensor(x)]
-        for o, n in zip(op.outputs, outs):
-            env[id(o)] = n
-    return env
-
-
 def _subgraph(graph, param, target):
     """The ops (in order) on a path from the parameter tensor to ``target``."""
     anc = graph.ancestors(target)
@@ -75,13 +64,13 @@ def _head_columns(graph, param, bias, scores_shape):
     heads = scores_shape[HEAD_AXIS]
     try:
         with torch.no_grad():
-            base = _replay(graph, ops, param, torch.zeros_like(param))[id(bias)]
+            base = _replay(ops, param, torch.zeros_like(param))[id(bias)]
             labelled = []
             for axis in range(param.dim()):
                 shape = [1] * param.dim()
                 shape[axis] = -1
                 lab = torch.arange(1, param.shape[axis] + 1, dtype=param.dtype).reshape(shape).expand(param.shape)
-                labelled.append(_replay(graph, ops, param, lab.contiguous())[id(bias)])
+                labelled.append(_replay(ops, param, lab.contiguous())[id(bias)])
     except Exception as e:  # noqa: BLE001 - an op we cannot replay: we cannot vouch for the columns
         return None, f"the bias cannot be replayed from {graph.param(param)} ({type(e).__name__})"
     base = base.expand(scores_shape).movedim(HEAD_AXIS, 0).reshape(heads, -1)
