@@ -68,9 +68,17 @@ def test_rerun_of_a_finished_study_recomputes_nothing(baseline, tmp_path):
     assert snapshot(results) == before
 
 
-def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
+def finished_copy(baseline, tmp_path):
+    """A copy of the finished baseline study's folder (what rerunning it would write, without its cost)."""
+    import shutil
+
     results = tmp_path / "r"
-    run_study(study_with(), results, log=lambda *_: None)
+    shutil.copytree(baseline[0], results, ignore=shutil.ignore_patterns(".eqlab.lock"))
+    return results
+
+
+def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
+    results = finished_copy(baseline, tmp_path)
     run_study(study_with(lr=0.05), results, log=lambda *_: None)
     _, hashes = run_query(results, "select distinct config_hash from checkpoints")
     assert len(hashes) == 3  # one per checkpoint, none left from lr = 0.1
@@ -86,8 +94,7 @@ def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
 
 
 def test_edited_schedule_leaves_no_rows_of_dropped_steps(baseline, tmp_path):
-    results = tmp_path / "r"
-    run_study(study_with(), results, log=lambda *_: None)
+    results = finished_copy(baseline, tmp_path)
     run_study(study_with(checkpoint_steps=[0, 6]), results, log=lambda *_: None)
     for t in ("checkpoints", "spectra", "identities", "conservation"):
         _, rows = run_query(results, f"select distinct step from {t} order by step")
