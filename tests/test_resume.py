@@ -72,8 +72,10 @@ def finished_copy(baseline, tmp_path):
     """A copy of the finished baseline study's folder (what rerunning it would write, without its cost)."""
     import shutil
 
+    from eqlab.pipeline.lock import LOCK_FILE
+
     results = tmp_path / "r"
-    shutil.copytree(baseline[0], results, ignore=shutil.ignore_patterns(".eqlab.lock"))
+    shutil.copytree(baseline[0], results, ignore=shutil.ignore_patterns(LOCK_FILE))
     return results
 
 
@@ -102,10 +104,7 @@ def test_edited_schedule_leaves_no_rows_of_dropped_steps(baseline, tmp_path):
 
 
 def test_truncated_parquet_is_moved_aside_and_recomputed(baseline, tmp_path):
-    import shutil
-
-    results = tmp_path / "r"
-    shutil.copytree(baseline[0], results)
+    results = finished_copy(baseline, tmp_path)
     victim = store.table_files(results, "spectra")[1]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
@@ -118,10 +117,7 @@ def test_truncated_parquet_is_moved_aside_and_recomputed(baseline, tmp_path):
 
 
 def test_truncated_weights_are_detected_and_retrained(baseline, tmp_path):
-    import shutil
-
-    results = tmp_path / "r"
-    shutil.copytree(baseline[0], results)
+    results = finished_copy(baseline, tmp_path)
     weights = results / "checkpoints" / "cnn" / "step=000003" / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     logs = []
