@@ -211,7 +211,8 @@ def _inject_pause(config: dict, step: int) -> None:
         return
     path = path.format(run_id=config["spec"]["run_id"])
     deadline = time.time() + config.get("pause_limit_s", 120)
-    while not Path(path).exists():
+    stop_file = config.get("stop_file")  # a held worker still stops on Ctrl-C, at the step it holds
+    while not Path(path).exists() and not (stop_file and os.path.exists(stop_file)):
         if time.time() > deadline:
             raise RuntimeError(f"injected pause at step {step}: {path} never appeared")
         time.sleep(0.1)

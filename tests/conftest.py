@@ -1,5 +1,6 @@
 """One real local Ray cluster for the whole test session, on loopback only."""
 import os
+import signal
 
 import pytest
 
@@ -7,6 +8,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import eqlab.pipeline  # noqa: E402,F401  (applies the rest of eqlab's Ray environment defaults)
+
+# A shell without job control that starts pytest in the background (`pytest &`, nohup) leaves SIGINT
+# ignored, and an ignored signal stays ignored across exec: the Ctrl-C tests' studies would never see
+# theirs. A handler (unlike SIG_IGN) is reset to the default in every child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

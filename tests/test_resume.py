@@ -141,64 +141,84 @@ def test_second_process_on_one_results_folder_is_refused(tmp_path):
         pass
 
 
-def test_diverged_run_is_recorded_and_the_study_goes_on(ray_cluster, tmp_path):
+def test_diverged_run_is_recorded_and_the_study_goes_on(baseline, tmp_path):
     d = copy.deepcopy(TINY)
-    d["runs"][0].update(lr=1e20)
-    d["runs"].append({**TINY["runs"][0], "name": "ok"})
+    d["runs"].insert(0, {**TINY["runs"][0], "name": "bad", "lr": 1e20})
     study = parse_study(d)
+    results = finished_copy(baseline, tmp_path)  # run "cnn" is finished there: only "bad" trains
     logs = []
-    summary = run_study(study, tmp_path, log=logs.append)
-    _, rows = run_query(tmp_path, "select run_id, status, diverged_at_step from runs order by run_id")
-    assert rows[0][0] == "cnn" and rows[0][1] == "diverged" and rows[0][2] is not None
-    assert rows[1] == ("ok", "ok", None)
+    summary = run_study(study, results, log=logs.append)
+    _, rows = run_query(results, "select run_id, status, diverged_at_step from runs order by run_id")
+    assert rows[0][0] == "bad" and rows[0][1] == "diverged" and rows[0][2] is not None
+    assert rows[1] == ("cnn", "ok", None)
     at = rows[0][2]
-    _, steps = run_query(tmp_path, "select distinct step from spectra where run_id = 'cnn'")
+    _, steps = run_query(results, "select distinct step from spectra where run_id = 'bad'")
     assert steps and all(s < at for (s,) in steps)  # analysed only before it diverged
-    _, [(n,)] = run_query(tmp_path, "select count(*) from spectra where run_id = 'ok'")
-    assert n > 0
+    # the study went on past the divergence to run "cnn", whose rows are all there, unchanged
+    assert [r for r in snapshot(results)["spectra"] if "'run_id': 'cnn'," in r] == baseline[1]["spectra"]
     assert summary[0].diverged_at == at
     again = []
-    run_study(study, tmp_path, log=again.append)  # a rerun neither retrains nor crashes
-    assert any("[train] cnn: all" in line for line in again)
+    run_study(study, results, log=again.append)  # a rerun neither retrains nor crashes
+    assert any("[train] bad: all" in line for line in again)
 
 
+# The tiny study in a process of its own, its training held at step 4 (after step 3's checkpoint) on a file
+# that never appears, so the kill lands mid-training however fast or slow the machine is.
 _DRIVER = """
-import sys, copy
+import sys
 sys.path.insert(0, {tests!r})
 from test_resume import study_with
 from eqlab.pipeline.runner import run_study
-run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), {results!r}, log=print)
+hold = {{"pause_at": 4, "until_exists": {never!r}, "pause_limit_s": 200}}
+run_study(study_with(), {results!r}, log=print, inject={{"train": hold}})
 """
 
 
-def test_sigkill_during_training_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+def _listed(results, step):
+    """Step ``step``'s checkpoint is whole and in Ray Train's snapshot (what a resume starts from)."""
+    d = results / "checkpoints" / "cnn"
+    snap = d / "checkpoint_manager_snapshot.json"
+    name = ckpt.step_dir_name(step)
+    return (d / name / ckpt.MANIFEST).exists() and snap.exists() and name in snap.read_text()
+
+
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(baseline, tmp_path):
     results = tmp_path / "r"
-    code = _DRIVER.format(tests=str(Path(__file__).parent), results=str(results))
+    code = _DRIVER.format(tests=str(Path(__file__).parent), results=str(results), never=str(tmp_path / "never"))
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    step5 = results / "checkpoints" / "cnn" / "step=000005" / ckpt.MANIFEST
-    snap = results / "checkpoints" / "cnn" / "checkpoint_manager_snapshot.json"
     try:
         deadline = time.time() + 240
-        while not (step5.exists() and snap.exists() and "step=000005" in snap.read_text()):
-            assert proc.poll() is None and time.time() < deadline, "the study ended before step 5's checkpoint"
+        while not _listed(results, 3):
+            assert proc.poll() is None and time.time() < deadline, "the study ended before step 3's checkpoint"
             time.sleep(0.2)
-        assert not (results / "checkpoints" / "cnn" / "step=002000").exists()
+        assert not (results / "checkpoints" / "cnn" / "step=000006").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
         proc.wait()
     logs = []
-    run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), results, log=logs.append)
-    assert any("resuming from the latest" in line for line in logs), logs
-    clean = tmp_path / "clean"
-    run_study(study_with(steps=2000, checkpoint_steps=[0, 5, 2000], batch_size=256), clean, log=lambda *_: None)
-    assert snapshot(results) == snapshot(clean)
+    run_study(study_with(), results, log=logs.append)
+    assert any("resuming from the latest of 2" in line for line in logs), logs
+    assert snapshot(results) == baseline[1]  # the same rows as the study that was never killed
 
 
-def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT):
+# `eqlab run` as a user types it, its training held at step 4 like _DRIVER's (run_study with the hold)
+_CLI_HOLDING_TRAINING = """
+import functools, sys
+from eqlab.pipeline import cli, runner
+hold = {{"pause_at": 4, "until_exists": {never!r}, "pause_limit_s": 200}}
+runner.run_study = functools.partial(runner.run_study, inject={{"train": hold}})
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT, hold_training=False):
     """Start the tiny study in its own process group, signal the group (SIGINT: as a terminal's Ctrl-C)
     once ``ready()`` holds, and return (exit status, stderr, seconds from the signal to exit)."""
-    cmd = [sys.executable, "-m", "eqlab.pipeline.cli", "run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
+    args = ["run", str(tmp_path / f"{tag}.toml"), "--results", str(results)]
+    cmd = [sys.executable, "-m", "eqlab.pipeline.cli", *args]
+    if hold_training:
+        cmd = [sys.executable, "-c", _CLI_HOLDING_TRAINING.format(never=str(tmp_path / "never")), *args]
     proc = subprocess.Popen(cmd, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -216,12 +236,14 @@ def _interrupt_when(results, ready, tmp_path, tag, sig=signal.SIGINT):
             proc.wait()
 
 
-def _write_study(path, ray=None, **run):
+def _write_study(path, ray=None, spectra=None, **run):
+    """The tiny study, edited, as a TOML file for `eqlab run`; returns the parsed study."""
     import json
 
     d = copy.deepcopy(TINY)
     d["runs"][0].update(run)
     d["ray"].update(ray or {})
+    d["spectra"].update(spectra or {})
     lines = []
     for section in ("study", "ray", "spectra", "identities", "findings"):
         lines.append(f"[{section}]")
@@ -231,26 +253,28 @@ def _write_study(path, ray=None, **run):
         lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else
                   f"{k} = {{ {', '.join(f'{a} = {json.dumps(b)}' for a, b in v.items())} }}" for k, v in r.items()]
     path.write_text("\n".join(lines) + "\n")
+    return parse_study(d)
 
 
 @pytest.mark.parametrize("stage", ["training", "spectra"])
 def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
     results = tmp_path / "r"
-    run = {"steps": 2000, "checkpoint_steps": [0, 5, 2000], "batch_size": 256}
-    # training: with the spectra of steps 0 and 5 running beside it (the default); spectra: after training
-    _write_study(tmp_path / f"{stage}.toml", ray={"analyse_while_training": stage == "training"}, **run)
-    if stage == "training":
-        ready = lambda: (results / "checkpoints" / "cnn" / "step=000005" / ckpt.MANIFEST).exists()
-    else:
+    if stage == "training":  # held at step 4 with the spectra of steps 0 and 3 running beside it (the default)
+        study = _write_study(tmp_path / f"{stage}.toml")
+        ready = lambda: _listed(results, 3)
+    else:  # after training; densities of 120 products a checkpoint keep the stage going for seconds after
+        # its first row, so the signal lands in it on a fast machine too
+        study = _write_study(tmp_path / f"{stage}.toml", ray={"analyse_while_training": False},
+                             spectra={"density_probes": 3, "density_steps": 40})
         ready = lambda: len(store.table_files(results, "spectra")) >= 1
-    rc, err, seconds = _interrupt_when(results, ready, tmp_path, stage)
+    rc, err, seconds = _interrupt_when(results, ready, tmp_path, stage, hold_training=stage == "training")
     assert rc == 130, err
     assert f"interrupted during {stage} of run 'cnn'" in err and "Traceback" not in err, err
     assert not list(results.rglob("*.tmp")), "a half-written file was left"
     logs = []
-    run_study(study_with(**run), results, log=logs.append)  # resumes (the lock was released)
+    run_study(study, results, log=logs.append)  # resumes (the lock was released)
     if stage == "training":
-        assert any("resuming from the latest" in line for line in logs), logs
+        assert any("resuming from the latest of 2" in line for line in logs), logs
     else:
         assert any("[train] cnn: all 3 checkpoints present" in line for line in logs), logs
 
