@@ -23,6 +23,10 @@ STUDY = {
          "optimizer": "adam", "lr": 1e-2, "batch_size": 8, "steps": 12, "n_checkpoints": 3},
     ],
 }
+# run "cnn" again at a third of its lr: an lr sweep (named "cnn"), the drift finding's input; test_report.py
+# reuses this study's folder, which then holds rows of every finding
+STUDY["runs"].append({**STUDY["runs"][0], "name": "cnn-lr0.03", "lr": 0.03})
+RUNS = sorted(r["name"] for r in STUDY["runs"])
 TABLES = ["runs", "checkpoints", "metrics", "spectra", "lanczos", "densities", "block_spectra", "identities", "conservation",
           "findings"]
 
@@ -41,20 +45,21 @@ def test_all_tables_written_and_queryable(finished):
         assert store.table_files(results, t), t
     steps = study.runs[0].checkpoint_steps
     _, rows = run_query(results, "select run_id, count(distinct step) from checkpoints group by run_id order by 1")
-    assert rows == [("cnn", len(steps)), ("gpt2", len(steps))]
+    assert rows == [(run, len(steps)) for run in RUNS]
     _, [(n,)] = run_query(results, "select count(*) from spectra")
-    assert n == 2 * len(steps) * 3
+    assert n == len(RUNS) * len(steps) * 3
     _, rows = run_query(results, "select min(hvps), bool_and(converged) from spectra")
     assert rows[0][0] > 0 and rows[0][1]
     # the products' method and the rule that chose it travel with every row (never a timing)
     _, rows = run_query(results, "select distinct hvp_method, hvp_method_reason from spectra")
     assert rows and all(m and "+conv=" in m and r.startswith(("auto:", "given")) for m, r in rows), rows
-    assert [s.run_id for s in summary] == ["cnn", "gpt2"] and len(summary[0].top_eigenvalues) == len(steps)
+    assert [s.run_id for s in summary] == ["cnn", "gpt2", "cnn-lr0.03"]  # in the study's order
+    assert len(summary[0].top_eigenvalues) == len(steps)
     # one top eigenvalue per layer block per checkpoint; a block's top is at most the full top (Cauchy)
     _, rows = run_query(results, """
         select b.run_id, b.step, max(b.eigenvalue), max(s.eigenvalue), count(distinct b.block)
         from block_spectra b join spectra s using (run_id, step) where s.rank = 0 group by all""")
-    assert len(rows) == 2 * len(steps)
+    assert len(rows) == len(RUNS) * len(steps)
     for run, step, block_top, full_top, n_blocks in rows:
         assert n_blocks >= 5 and block_top <= full_top * (1 + 1e-6), (run, step)
 
@@ -71,7 +76,7 @@ def test_density_tridiagonals_stored_and_bounded_by_the_spectrum(finished):
         select d.run_id, d.step, d.dim, list(d.alphas order by d.probe), list(d.betas order by d.probe),
                max(s.eigenvalue), sum(d.hvps)
         from densities d join spectra s using (run_id, step) where s.rank = 0 group by all""")
-    assert len(rows) == 2 * len(steps)
+    assert len(rows) == len(RUNS) * len(steps)
     for run, step, dim, alphas, betas, top, hvps in rows:
         assert len(alphas) == 2 and hvps == sum(len(a) for a in alphas) <= 2 * 20
         for a, b in zip(alphas, betas):

@@ -16,8 +16,8 @@ from eqlab.pipeline.query import run_query
 
 # The report needs every table with rows, and findings rows of every finding with a figure of its own (the
 # drift finding's need an lr sweep). A finished study in this session's base temp folder that has all of
-# them (test_end_to_end.py's module fixture) is copied and reused; test_end_to_end's study has no lr sweep,
-# so this module runs this study of its own (two short runs, about three minutes on 2 cores).
+# them (test_end_to_end.py's module fixture, whose runs "cnn" and "cnn-lr0.03" are a sweep) is copied and
+# reused; run alone, this module runs this study of its own (the same sweep, shorter).
 STUDY = {
     "study": {"name": "report", "seed": 0},
     "ray": {"num_cpus": 2},
@@ -25,11 +25,12 @@ STUDY = {
                 "dtype": "float64", "density_probes": 2, "density_steps": 10, "block_top_k": 1},
     "identities": {"dtypes": ["float64", "float32"], "examples": 32, "probes": 1},
     "runs": [  # an lr sweep of two runs (sweep "cnn"): the drift finding (5) has rows only for a sweep
-        {"name": f"cnn-lr{lr:g}", "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20},
-         "optimizer": "sgd", "lr": lr, "batch_size": 16, "steps": 4, "n_checkpoints": 2} for lr in (0.1, 0.03)
+        {"name": name, "family": "digits_cnn", "model": {"channels": [2, 4], "hidden": 8, "bn_eps": 1e-20},
+         "optimizer": "sgd", "lr": lr, "batch_size": 16, "steps": 4, "n_checkpoints": 2}
+        for name, lr in (("cnn", 0.1), ("cnn-lr0.03", 0.03))
     ],
 }
-RUN = "cnn-lr0.1"
+RUN = "cnn"
 NEEDED = ("runs", "checkpoints", "metrics", "spectra", "densities", "block_spectra", "identities", "conservation",
           "findings")
 
@@ -389,7 +390,7 @@ def test_theory_figures_draw_the_findings_rows(report):
     finally:
         t.close()
     assert {p["sweep"] for p in points} == {r["run_id"] for r in drift} == {"cnn"}  # the sweep of both runs
-    assert {p["run_id"] for p in points} == {"cnn-lr0.1", "cnn-lr0.03"}
+    assert {p["run_id"] for p in points} == {"cnn", "cnn-lr0.03"}
     fig = rfn.drift(drift, points)
     labels = " | ".join(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
     summary = " | ".join(r["fitted slope ± SE"] for r in _body(page, "findings-summary"))
