@@ -78,7 +78,9 @@ def _run(args) -> int:
     results = Path(args.results) if args.results else Path("results") / study.name
     _check_writable(results)
     from eqlab.pipeline.cluster import connect
+    from eqlab.pipeline.lock import refuse_if_held
 
+    refuse_if_held(results)
     connect(study.num_cpus, address=args.address, dashboard=args.dashboard)  # fails before anything is written
     from eqlab.pipeline.runner import print_summary, run_study
 

@@ -23,6 +23,14 @@ class ResultsInUse(StudyError):
     """Another eqlab process holds the results folder."""
 
 
+def refuse_if_held(results: Path) -> None:
+    """Raise ResultsInUse now if another process holds ``results``, creating nothing: the CLI asks this
+    before it starts Ray, so a refused run costs no cluster start-up (the study still takes the lock)."""
+    if (Path(results) / LOCK_FILE).exists():
+        with results_lock(results):
+            pass
+
+
 @contextmanager
 def results_lock(results: Path, command: str = "eqlab run"):
     results = Path(results)
