@@ -12,7 +12,8 @@ from eqlab.pipeline.study import parse_study
 
 STUDY = {
     "study": {"name": "e2e", "seed": 0},
-    "ray": {"num_cpus": 2},
+    # all three runs in flight at once (each analysing while it trains): what a grid study does
+    "ray": {"num_cpus": 2, "concurrent_runs": 3},
     "spectra": {"top_k": 3, "tol": 1e-6, "max_iter": 60, "workers": 2, "examples": 64, "microbatch": 32,
                 "dtype": "float64", "density_probes": 2, "density_steps": 20},
     "identities": {"dtypes": ["float64", "float32"], "examples": 64, "probes": 1},
