@@ -191,7 +191,8 @@ def embedded_system_config(num_cpus: float) -> dict:
     Train run alone keeps about six service actors alive: so every analysis task after a pause landed
     on a fresh process that imported torch again (2-5 s on 2 cores). Here up to 8 idle workers beyond
     the CPU count stay for a minute (about 250 MB each with torch imported). Measured: test_resume.py
-    620 s -> 477 s on 2 cores (with the preemption watcher off as well)."""
+    620 s -> 477 s on 2 cores (with the preemption watcher off as well, and a 600 s idle limit; 60 s here
+    is not measured yet)."""
     return {"num_workers_soft_limit": math.ceil(num_cpus) + 8, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
