@@ -175,6 +175,8 @@ def connect(num_cpus: float = 2, address: str | None = None, dashboard: bool = F
             # One machine has no spot node to lose: Ray Train's preemption watcher would be one more
             # process (≈ 1.5 s of CPU importing Ray) per run. Train passes the variable to its controller.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            if not dashboard:  # Ray Train's run metrics are read by the dashboard only
+                os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
             _keep_local_token_private()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      object_store_memory=object_store_mb * 2**20, runtime_env=runtime_env,

@@ -319,8 +319,13 @@ def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tm
 
 
 def test_sigkilled_identity_task_is_rerun_and_tables_unchanged(baseline, tmp_path):
+    import shutil
+
     marker = tmp_path / "killed"
-    results = tmp_path / "r"
-    run_study(study_with(), results, log=lambda *_: None, inject={"kill_identity_task_once": str(marker)})
+    results = finished_copy(baseline, tmp_path)
+    shutil.rmtree(results / "identities")  # only the identity stage has work left
+    logs = []
+    run_study(study_with(), results, log=logs.append, inject={"kill_identity_task_once": str(marker)})
     assert marker.exists()  # a worker really died of SIGKILL mid-stage
+    assert sum("[identities] cnn: step" in line for line in logs) == 3, logs
     assert snapshot(results) == baseline[1]

@@ -41,3 +41,21 @@ def test_crashed_worker_resumes_from_checkpoint_with_identical_result(ray_cluste
         a, b = ckpt.load_state(clean[step]), ckpt.load_state(crashed[step])
         for k in a:
             assert torch.equal(a[k], b[k]), (step, k)
+
+
+def test_a_trainer_without_datasets_starts_no_ray_data_service(ray_cluster):
+    """Ray Train's DatasetsCallback starts a DatasetManager actor even with no datasets: ours drops it
+    then (two processes fewer per run) and keeps it when datasets are given."""
+    import ray.data
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from eqlab.pipeline.train import _interruptible
+
+    def kinds(**kw):
+        trainer = _interruptible(TorchTrainer)(lambda: None, scaling_config=ScalingConfig(num_workers=1), **kw)
+        return {type(c) for c in trainer._create_default_callbacks()}
+
+    assert DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(datasets={"train": ray.data.range(4)})
