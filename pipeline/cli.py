@@ -409,5 +409,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """The console script and ``python -m``: `main`, and a Ctrl-C's status 130 kept through Ray's shutdown
+    (`cluster.exit_after_shutdown`)."""
+    code = main(argv)
+    if code == 130:
+        from eqlab.pipeline.cluster import exit_after_shutdown
+
+        exit_after_shutdown(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

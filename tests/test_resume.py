@@ -79,6 +79,17 @@ def finished_copy(baseline, tmp_path):
     return results
 
 
+def trained_copy(baseline, tmp_path):
+    """The finished baseline with only what training writes (checkpoints, metrics, runs): a study run on
+    it goes straight to its analysis stages."""
+    import shutil
+
+    results = finished_copy(baseline, tmp_path)
+    for t in ("spectra", "lanczos", "densities", "block_spectra", "identities", "conservation", "findings"):
+        shutil.rmtree(results / t, ignore_errors=True)
+    return results
+
+
 def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
     results = finished_copy(baseline, tmp_path)
     run_study(study_with(lr=0.05), results, log=lambda *_: None)
@@ -208,7 +219,7 @@ import functools, sys
 from eqlab.pipeline import cli, runner
 hold = {{"pause_at": 4, "until_exists": {never!r}, "pause_limit_s": 200}}
 runner.run_study = functools.partial(runner.run_study, inject={{"train": hold}})
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.entry(sys.argv[1:]))
 """
 
 
@@ -257,13 +268,14 @@ def _write_study(path, ray=None, spectra=None, **run):
 
 
 @pytest.mark.parametrize("stage", ["training", "spectra"])
-def test_ctrl_c_stops_says_where_and_resumes(ray_cluster, tmp_path, stage):
-    results = tmp_path / "r"
+def test_ctrl_c_stops_says_where_and_resumes(baseline, tmp_path, stage):
     if stage == "training":  # held at step 4 with the spectra of steps 0 and 3 running beside it (the default)
+        results = tmp_path / "r"
         study = _write_study(tmp_path / f"{stage}.toml")
         ready = lambda: _listed(results, 3)
-    else:  # after training; densities of 120 products a checkpoint keep the stage going for seconds after
-        # its first row, so the signal lands in it on a fast machine too
+    else:  # on the trained baseline; densities of 120 products a checkpoint keep the stage going for
+        # seconds after its first row, so the signal lands in it on a fast machine too
+        results = trained_copy(baseline, tmp_path)
         study = _write_study(tmp_path / f"{stage}.toml", ray={"analyse_while_training": False},
                              spectra={"density_probes": 3, "density_steps": 40})
         ready = lambda: len(store.table_files(results, "spectra")) >= 1
@@ -306,8 +318,8 @@ def test_four_runs_at_once_on_two_cpus_analyse_while_training_and_match_the_sing
 
 
 def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tmp_path):
-    results = tmp_path / "r"
-    _write_study(tmp_path / "kill.toml", ray={"analyse_while_training": False})  # killed after training
+    results = trained_copy(baseline, tmp_path)  # training done: the kill lands in the spectra stage
+    _write_study(tmp_path / "kill.toml", ray={"analyse_while_training": False})
     rc, _, _ = _interrupt_when(results, lambda: len(store.table_files(results, "spectra")) >= 1, tmp_path, "kill",
                                sig=signal.SIGKILL)
     assert rc == -signal.SIGKILL
