@@ -198,7 +198,7 @@ def embedded_system_config(num_cpus: float) -> dict:
     return {"num_workers_soft_limit": math.ceil(num_cpus) + 8, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
-_EXIT_STATUS: list[int] = []  # set by `exit_after_shutdown`
+_exit_status: int | None = None  # set by `exit_after_shutdown`
 
 
 def exit_after_shutdown(status: int) -> None:
@@ -209,7 +209,8 @@ def exit_after_shutdown(status: int) -> None:
     the suite: "The core worker process is not initialized yet or already shutdown" as the driver log's
     last line, and exit 1 instead of the CLI's 130). Nothing is left to finalise by then: every result
     is a file already renamed into place."""
-    _EXIT_STATUS[:] = [status]
+    global _exit_status
+    _exit_status = status
 
 
 def _shutdown_embedded(wait_s: float = 5.0) -> None:
@@ -231,10 +232,10 @@ def _shutdown_embedded(wait_s: float = 5.0) -> None:
             p.kill()
         except psutil.Error:
             pass
-    if _EXIT_STATUS:
+    if _exit_status is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_EXIT_STATUS[0])
+        os._exit(_exit_status)
 
 
 # --- Ray Train: a torch rendezvous store bound to rank 0's node address ----------------------------------

@@ -68,26 +68,23 @@ def test_rerun_of_a_finished_study_recomputes_nothing(baseline, tmp_path):
     assert snapshot(results) == before
 
 
-def finished_copy(baseline, tmp_path):
-    """A copy of the finished baseline study's folder (what rerunning it would write, without its cost)."""
+def finished_copy(baseline, tmp_path, without=()):
+    """A copy of the finished baseline study's folder (what rerunning it would write, without its cost),
+    less the tables named in ``without`` (a study run on it recomputes just those)."""
     import shutil
 
     from eqlab.pipeline.lock import LOCK_FILE
 
     results = tmp_path / "r"
-    shutil.copytree(baseline[0], results, ignore=shutil.ignore_patterns(LOCK_FILE))
+    shutil.copytree(baseline[0], results, ignore=shutil.ignore_patterns(LOCK_FILE, *without))
     return results
 
 
 def trained_copy(baseline, tmp_path):
     """The finished baseline with only what training writes (checkpoints, metrics, runs): a study run on
     it goes straight to its analysis stages."""
-    import shutil
-
-    results = finished_copy(baseline, tmp_path)
-    for t in ("spectra", "lanczos", "densities", "block_spectra", "identities", "conservation", "findings"):
-        shutil.rmtree(results / t, ignore_errors=True)
-    return results
+    return finished_copy(baseline, tmp_path, without=("spectra", "lanczos", "densities", "block_spectra",
+                                                      "identities", "conservation", "findings"))
 
 
 def test_edited_lr_recomputes_every_row_of_that_run(baseline, tmp_path):
@@ -331,11 +328,8 @@ def test_sigkill_during_spectra_resumes_to_the_uninterrupted_tables(baseline, tm
 
 
 def test_sigkilled_identity_task_is_rerun_and_tables_unchanged(baseline, tmp_path):
-    import shutil
-
     marker = tmp_path / "killed"
-    results = finished_copy(baseline, tmp_path)
-    shutil.rmtree(results / "identities")  # only the identity stage has work left
+    results = finished_copy(baseline, tmp_path, without=("identities",))  # only that stage has work left
     logs = []
     run_study(study_with(), results, log=logs.append, inject={"kill_identity_task_once": str(marker)})
     assert marker.exists()  # a worker really died of SIGKILL mid-stage
