@@ -138,11 +138,20 @@ def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
         activity.set(spec.run_id, "train", "training")
         training.start()
         seen: set[int] = set()
+
+        def more() -> Checkpoints | None:
+            """Checkpoints landed since last asked, recorded; only while training (the last ones go
+            through `_finish` below, which writes the run row first)."""
+            fresh = _landed(run_dir, spec, thash, seen) if training.is_alive() else {}
+            if not fresh:
+                return None
+            seen.update(fresh)
+            return _record(run_ctx, spec, fresh)
+
         while training.is_alive():
-            fresh = _landed(run_dir, spec, thash, seen) if ctx.study.schedule.analyse_while_training else {}
-            if fresh:
-                seen |= set(fresh)
-                _analyse(run_ctx, spec, _record(run_ctx, spec, fresh), activity)
+            ck = more() if ctx.study.schedule.analyse_while_training else None
+            if ck is not None:
+                _analyse(run_ctx, spec, ck, activity, more)
             else:
                 interrupt.sleep(POLL_S)
         activity.set(spec.run_id, "train", None)
@@ -161,8 +170,9 @@ def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
         activity.done(spec.run_id)
 
 
-def _analyse(ctx: StageContext, spec: RunSpec, ck: Checkpoints, activity: Activity) -> None:
-    run_stages(STAGES, ctx, spec, ck, on_stage=lambda label: activity.set(spec.run_id, "analysis", label))
+def _analyse(ctx: StageContext, spec: RunSpec, ck: Checkpoints, activity: Activity, more=None) -> None:
+    run_stages(STAGES, ctx, spec, ck, on_stage=lambda label: activity.set(spec.run_id, "analysis", label),
+               more=more)
     activity.set(spec.run_id, "analysis", None)
 
 

@@ -34,6 +34,16 @@ class Checkpoints:
     keys: dict[int, str]             # step -> hash(training config, weights digest): every derived row's root
     diverged_at: int | None = None
 
+    def add(self, landed: "Checkpoints") -> None:
+        """Take in checkpoints that landed while a stage was running (`run_stages`' ``more``)."""
+        self.steps.update(landed.steps)
+        self.keys.update(landed.keys)
+
+
+# What `run_stages` may call for checkpoints that landed since it started (each recorded, at most once):
+# None when there are none.
+More = Callable[[], "Checkpoints | None"]
+
 
 @dataclass(frozen=True)
 class Output:
@@ -95,7 +105,10 @@ class Stage:
                 need[s] = missing
         return need
 
-    def run(self, ctx: StageContext, spec: RunSpec, ck: Checkpoints, todo: dict[int, list[Output]]) -> None:
+    def run(self, ctx: StageContext, spec: RunSpec, ck: Checkpoints, todo: dict[int, list[Output]],
+            more: More | None = None) -> None:
+        """Compute ``todo``; a stage that can take in later checkpoints cheaply (a pool already open) adds
+        what ``more`` returns to ``ck`` and computes it too."""
         raise NotImplementedError
 
 
@@ -113,7 +126,7 @@ class TaskStage(Stage):
     def describe(self, spec: RunSpec, step: int, rows: list[dict]) -> str:
         return f"{len(rows)} rows"
 
-    def run(self, ctx, spec, ck, todo):
+    def run(self, ctx, spec, ck, todo, more=None):
         (out,) = self.outputs
         cpus = min(self.num_cpus, ctx.share.per_task(ctx.training()))
         remote = ray.remote(num_cpus=cpus)(type(self)._remote_compute)
@@ -145,15 +158,24 @@ class PoolStage(Stage):
     def compute(self, ctx: StageContext, pool, spec: RunSpec, step: int, state: dict, out: Output) -> dict:
         raise NotImplementedError
 
-    def run(self, ctx, spec, ck, todo):
+    def run(self, ctx, spec, ck, todo, more=None):
+        """Before closing the pool, take in the checkpoints that landed meanwhile (``more``): a run that
+        analyses while it trains then opens its pools once for all of them instead of once per batch
+        (every actor is a fresh process that imports torch: seconds of CPU each on a small machine)."""
         pool = self.open(ctx, spec)
         try:
-            for s, outs in todo.items():
-                interrupt.check()
-                state = ckpt.load_state(ck.steps[s])
-                for out in outs:
-                    for table, rows in self.compute(ctx, pool, spec, s, state, out).items():
-                        ctx.write(spec, s, table, rows, self.key(ctx, ck, s, out))
+            while todo:
+                for s, outs in todo.items():
+                    interrupt.check()
+                    state = ckpt.load_state(ck.steps[s])
+                    for out in outs:
+                        for table, rows in self.compute(ctx, pool, spec, s, state, out).items():
+                            ctx.write(spec, s, table, rows, self.key(ctx, ck, s, out))
+                landed = more() if more is not None else None
+                todo = {}
+                if landed is not None:
+                    ck.add(landed)
+                    todo = self.todo(ctx, spec, landed)
         finally:
             pool.shutdown()
 
@@ -166,13 +188,16 @@ def task_sizes(spec: RunSpec) -> tuple[int, int, int]:
     return sum(p.numel() for p in task.model.parameters()), len(task.train[1]), len(task.test[1])
 
 
-def run_stages(stages, ctx: StageContext, spec: RunSpec, ck: Checkpoints, on_stage=lambda label: None) -> None:
-    """Run every stage's missing work for one run, in order; ``on_stage`` hears which one is running."""
-    for stage in stages:
+def run_stages(stages, ctx: StageContext, spec: RunSpec, ck: Checkpoints, on_stage=lambda label: None,
+               more: More | None = None) -> None:
+    """Run every stage's missing work for one run, in order; ``on_stage`` hears which one is running.
+    Only the first stage is given ``more``: checkpoints it takes in are then in ``ck`` for every later
+    stage, so none is left with a checkpoint whose earlier stages have not run."""
+    for i, stage in enumerate(stages):
         on_stage(stage.label)
         todo = stage.todo(ctx, spec, ck)
         if not todo:
             if any(o.enabled(ctx.study) for o in stage.outputs):
                 ctx.log(f"[{stage.name}] {spec.run_id}: all checkpoints done, skipping")
             continue
-        stage.run(ctx, spec, ck, todo)
+        stage.run(ctx, spec, ck, todo, more=more if i == 0 else None)
