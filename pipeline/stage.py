@@ -3,8 +3,10 @@
 A stage names its outputs (the tables it writes per (run, step), and the study settings those rows
 depend on), which checkpoints it wants, and how it computes: `TaskStage` runs one pure function per
 checkpoint as a Ray task (identities, conservation); `PoolStage` opens a pool of Ray actors once per
-run and feeds it the checkpoints in turn (spectra, block spectra), because its setup (model replicas,
-HVP graphs) costs more than one checkpoint's work. Adding a stage is one module that declares a
+batch of checkpoints and feeds it them in turn (spectra, block spectra), because its setup (model
+replicas, HVP graphs) costs more than one checkpoint's work. A run analysed after training is one batch;
+one analysed while it trains gets a batch per poll that found checkpoints, and its first stage takes
+in those that land while it runs (`run_stages`' ``more``). Adding a stage is one module that declares a
 ``STAGE`` plus its schema, listed in `pipeline/stages.py`.
 
 Keys: every row carries hash(stage output, the checkpoint's key, the output's settings); a checkpoint is
@@ -149,7 +151,7 @@ class TaskStage(Stage):
 
 
 class PoolStage(Stage):
-    """A pool of actors opened once per run (``open``), given each checkpoint's weights in turn;
+    """A pool of actors opened once per batch (``open``), given each checkpoint's weights in turn;
     ``compute`` returns {table: rows} for one output at one checkpoint."""
 
     def open(self, ctx: StageContext, spec: RunSpec):
