@@ -23,7 +23,8 @@ from eqlab.analyses.discover import discover
 from eqlab.analyses.predictions.flat_directions import VERDICTS
 from eqlab.models import build_task
 from eqlab.pipeline import checkpoint as ckpt
-from eqlab.pipeline import findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite
+from eqlab.pipeline import (findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite,
+                            findings_wd)
 from eqlab.pipeline.stage import Output, TaskStage
 from eqlab.pipeline.study import FindingsSpec, RunSpec
 
@@ -58,6 +59,7 @@ FINDINGS: dict[str, Finding] = _registry(
     Finding.of(findings_blocks, findings_blocks.block_rows),
     Finding.of(findings_indefinite, findings_indefinite.indefinite_rows),
     Finding.of(findings_discrete, findings_discrete.discrete_saddle_rows),
+    Finding.of(findings_wd, findings_wd.wd_stationary_rows),
 )
 
 

@@ -34,7 +34,9 @@ FINDINGS = (
     Finding("flat", "flat_symmetry_direction", "curvature",
             "flat and sharp symmetry directions: the Hessian's Rayleigh quotient along each verified symmetry's "
             "generators against the second-order identity (0 for translations and BatchNorm scale, −⟨g_P, θ_P⟩/‖ξ‖² "
-            "for ReLU rescaling); control: random directions on the same parameters"),
+            "for ReLU rescaling); under weight decay gamma, 2 gamma along a symmetric generator at a stationary point "
+            "of L + gamma/2 |theta|^2 (the checkpoint relaxed by L-BFGS); control: random directions on the same "
+            "parameters", also=("wd_stationary_rayleigh",)),
     Finding("align", "gradient_hessian_alignment", "curvature",
             "gradient–Hessian alignment: for each top Hessian eigenpair (λ, u), ⟨u, Aᵀg⟩ against −λ⟨u, Aθ⟩; "
             "control: a random affine field on the same parameters"),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from eqlab.pipeline import cli
-from eqlab.pipeline import findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite
+from eqlab.pipeline import (findings_align, findings_blocks, findings_discrete, findings_flat, findings_indefinite,
+                            findings_wd)
 from eqlab.pipeline.findings_stage import DEFAULTS, FINDINGS, STAGE, Finding, findings_rows, resolved_settings
 from eqlab.pipeline.stage import Checkpoints, StageContext
 from eqlab.pipeline.study import FindingsSpec, StudyError, parse_study
@@ -34,7 +35,7 @@ def test_the_registry_is_keyed_by_each_modules_finding_name():
     assert FINDINGS["flat_symmetry_direction"].rows is findings_flat.flat_direction_rows
     assert FINDINGS["gradient_hessian_alignment"].rows is findings_align.alignment_rows
     assert list(FINDINGS) == [m.FINDING for m in (findings_flat, findings_align, findings_blocks, findings_indefinite,
-                                                  findings_discrete)]
+                                                  findings_discrete, findings_wd)]
     assert all(f.name == n for n, f in FINDINGS.items())
 
 

@@ -81,7 +81,9 @@ def test_verdict_lines_count_predictions_and_controls_from_the_findings_table(tm
     store.write_rows(tmp_path, "findings", "gpt-sgd", store.RUN_LEVEL, rows[:1] + rows[2:3], study=study.name)
     store.write_rows(tmp_path, "findings", "cnn-sgd-lr0.01", 0,
                      [{"finding": "flat_symmetry_direction", "control": False, "verdict": "holds"}], study=study.name)
-    drift, flat = rp.verdict_lines(tmp_path, study, [rp.BY_NAME["drift"], rp.BY_NAME["flat"]])
+    drift, flat, wd = rp.verdict_lines(tmp_path, study, [rp.BY_NAME["drift"], rp.BY_NAME["flat"]])
     assert drift.startswith("drift (conservation_drift_slope): predictions: 3 holds; negative controls: 3 violated")
     assert drift.endswith("model families: digits_cnn, gpt2_text")
     assert "predictions: 1 holds; negative controls: no rows; model families: digits_cnn" in flat
+    # one line per row finding, even without rows
+    assert wd.startswith("flat (wd_stationary_rayleigh): predictions: no rows; negative controls: no rows")
