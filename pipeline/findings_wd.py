@@ -9,9 +9,10 @@ over its own parameters, then 2 HVPs per probe and one for the curvature scale.
 Measured: ≈ 1.3 s per checkpoint on the modular-addition GPT-2, 2.5 s on the digits CNN, 19 s on the 1.15M
 GPT-2 (one thread).
 
-Columns: statistic = ρ(ξ) (mean over probes), predicted = 2γ, residual = |ρ − 2γ| at the worst probe,
-tolerance = its remainder plus rounding (see the reason text), scale = κ; a relaxed point whose remainder
-exceeds 1% of 2γ gives ``inconclusive`` (not stationary enough), with its ‖g_γ‖ in the reason.
+Columns: statistic = ρ(ξ) (mean over probes), predicted = the identity's 2γ − ⟨A²θ, g_γ⟩/‖ξ‖² (2γ at a
+stationary point; mean over probes), residual = |ρ − predicted| at the worst probe, tolerance = its
+rounding (see the reason text), scale = κ; a relaxed point whose remainder exceeds 1% of 2γ gives
+``inconclusive`` (not stationary enough), with its ‖g_γ‖ and remainder in the reason.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def wd_stationary_rows(spec: RunSpec, model, loss, batch, verified, settings: di
         w = f.worst
         rows.append({"finding": FINDING, "transformation": f.transformation, "symmetry": f.family,
                      "control": f.control, "dtype": f.dtype, "probes": len(f.probes), "rank": None,
-                     "statistic": f.statistic, "statistic_std": f.statistic_std, "predicted": 2 * gamma,
+                     "statistic": f.statistic, "statistic_std": f.statistic_std, "predicted": f.prediction,
                      "residual": abs(w.rayleigh - w.predicted), "tolerance": w.tolerance,
                      "scale": w.curvature_scale, "verdict": f.verdict, "hvps": f.n_hvp,
                      "tolerance_reason": ("" if spec.weight_decay > 0 else f"the run has no weight decay: "

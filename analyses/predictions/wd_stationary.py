@@ -17,16 +17,17 @@ known curvature. What this module measures, per verified family with symmetric l
   ReLU between P's layers (a CNN's fc1 → fc2) it can stall where pre-activations sit at the kink, where
   g_γ is not defined — such a row says how far from stationary it stayed.
 * the statistic: ρ(ξ_c) by one exact HVP, for ``probes`` random symmetric generators c (a ReLU unit
-  group's ±1 rescale, attention Q/K GL(k) with a symmetric M), against 2γ.
-* the tolerance: the remainder |⟨A²θ, g_γ⟩|/‖ξ‖², computed from the gradient at the relaxed point (the
-  exact distance of the statement from the identity there), plus the rounding of the one HVP, 4·γ_n(u)·
-  (‖Hξ‖/‖ξ‖ + κ), and of the remainder, 4·γ_n(u)·(‖g‖ + γ‖θ_P‖)·‖A²θ‖/‖ξ‖² (the gradient's terms are of size
-  γ‖θ_P‖ at a stationary point, whatever ‖g_γ‖ is). A point whose remainder exceeds 1% of 2γ is not
-  stationary enough for the row to mean what it says: ``inconclusive``, with its ‖g_γ|_P‖. So ``holds``
-  says two things: the symmetry is exact (a broken one adds ⟨ξ, ∇⟨g, Aθ⟩⟩/‖ξ‖², which the remainder does
-  not cover) and the point is stationary (the quotient is 2γ to within 1%, and to the remainder's size).
+  group's ±1 rescale, attention Q/K GL(k) with a symmetric M, a norm gain against the next layer), against
+  the identity's value there, 2γ − r with r = ⟨A²θ, g_γ⟩/‖ξ‖² computed from the gradient (never from H):
+  2γ exactly at a stationary point, and the relaxation makes |r| small.
+* the tolerance: rounding only, of the one HVP, 4·γ_n(u)·(‖Hξ‖/‖ξ‖ + κ), and of r, 4·γ_n(u)·(‖g‖ +
+  γ‖θ_P‖)·‖A²θ‖/‖ξ‖² (the gradient's terms are of size γ‖θ_P‖ at a stationary point, whatever ‖g_γ‖ is).
+  A point with |r| above 1% of 2γ is not stationary enough for the row to mean what it says:
+  ``inconclusive``, with its ‖g_γ|_P‖ and r in the reason. So ``holds`` says two things: the symmetry is
+  exact (a broken one adds ⟨ξ, ∇⟨g, Aθ⟩⟩/‖ξ‖², far above rounding) and the point is stationary (ρ is 2γ to
+  within |r| ≤ 1% of it; the rows' ``residual`` to 2γ is |ρ − 2γ|).
 * the negative control: random directions on P with the generators' norms at the same point, against
-  the same 2γ and the same tolerance: a generic direction's curvature is not 2γ (``violated``), unless
+  the generators' prediction, with their own HVP's rounding added to the tolerance: a generic direction's curvature is not 2γ (``violated``), unless
   the block is that flat everywhere (``inconclusive``: the check cannot tell them apart there).
 
 Families left out, and why: translations and affine families (ξ not linear in θ: H_γξ = γξ, a different
@@ -75,6 +76,10 @@ class StationaryFinding:
     @property
     def statistic(self) -> float:
         return sum(p.rayleigh for p in self.probes) / len(self.probes)
+
+    @property
+    def prediction(self) -> float:
+        return sum(p.predicted for p in self.probes) / len(self.probes)
 
     @property
     def statistic_std(self) -> float:
@@ -138,7 +143,8 @@ def relaxed_copy(model, loss, batch, params, gamma: float, max_iter: int, tol: f
 
 
 def _probe(pt: _Point, t, c, gamma: float, P) -> tuple[DirectionProbe, float, float]:
-    """(probe, ‖ξ‖, remainder) for the generator c at pt."""
+    """(probe, ‖ξ‖, remainder) for the generator c at pt. The probe's prediction is the identity's value
+    there, 2γ − ⟨A²θ, g_γ⟩/‖ξ‖² (2γ at a stationary point), and its tolerance is rounding only."""
     xi = {n: x.detach() for n, x in t.xi(pt.theta, c).items()}
     a2 = t.xi(xi, c)                                         # A²θ (the action is linear)
     xn2 = _f(dot(xi, xi))
@@ -146,10 +152,10 @@ def _probe(pt: _Point, t, c, gamma: float, P) -> tuple[DirectionProbe, float, fl
     hxi = pt.hvp(xi)
     rayleigh = _f(dot(xi, {n: hxi[n] for n in P})) / xn2 + gamma
     g_gamma = {n: pt.grad[n] + gamma * pt.theta[n] for n in P}
-    remainder = abs(_f(dot(a2, g_gamma))) / xn2
+    remainder = _f(dot(a2, g_gamma)) / xn2
     grad_terms = _f(norm({n: pt.grad[n] for n in P})) + gamma * _f(norm({n: pt.theta[n] for n in P}))
     rounding = PASSES[2] * pt.gamma * (_f(norm(hxi)) / xn + pt.kappa + grad_terms * _f(norm(a2)) / xn2)
-    return DirectionProbe(rayleigh, 2 * gamma, rounding + remainder, pt.kappa, c), xn, remainder
+    return DirectionProbe(rayleigh, 2 * gamma - remainder, rounding, pt.kappa, c), xn, abs(remainder)
 
 
 def _control(pt: _Point, P, like: DirectionProbe, xn: float, gamma: float) -> DirectionProbe:
@@ -159,7 +165,7 @@ def _control(pt: _Point, P, like: DirectionProbe, xn: float, gamma: float) -> Di
     hv = pt.hvp(v)
     rayleigh = _f(dot(v, {n: hv[n] for n in P})) / (xn * xn) + gamma
     tol = like.tolerance + PASSES[2] * pt.gamma * (_f(norm(hv)) / xn + pt.kappa)
-    return DirectionProbe(rayleigh, 2 * gamma, tol, pt.kappa)
+    return DirectionProbe(rayleigh, like.predicted, tol, pt.kappa)
 
 
 def wd_stationary_findings(model, loss, batch, transformations, gamma: float, probes: int = 2, seed: int = 0,
@@ -193,10 +199,10 @@ def wd_stationary_findings(model, loss, batch, transformations, gamma: float, pr
             rem = max(rem, r)
             ctrls.append(_control(pt, P, g, xn, gamma))
         name = str(dtype).replace("torch.", "")
-        reason = (f"|<A^2 theta, g_gamma>|/||xi||^2 (the identity's remainder at the relaxed point, max "
-                  f"{rem:.2e}; ||g_gamma|P|| = {gn:.2e} after {'L-BFGS' if relax else 'no relaxation'} over the "
-                  f"family's {sum(pt.theta[n].numel() for n in P)} parameters, gamma = {gamma:g}) + 4 x gamma_n(u) x (||H xi||/||xi|| + kappa + gradient terms): "
-                  f"rounding of one HVP (n = {pt.n}, u = {unit_roundoff(pt.dtype):.1e} ({name}){pt.low})"
+        reason = (f"predicted 2 gamma - r, r = <A^2 theta, g_gamma>/||xi||^2 from the gradient (|r| <= "
+                  f"{rem:.2e} at the relaxed point: {rem / (2 * gamma):.1e} of 2 gamma; ||g_gamma|P|| = {gn:.2e} after {'L-BFGS' if relax else 'no relaxation'} over the "
+                  f"family's {sum(pt.theta[n].numel() for n in P)} parameters, gamma = {gamma:g}); tolerance 4 x gamma_n(u) x (||H xi||/||xi|| + kappa + gradient "
+                  f"terms): rounding of one HVP and of r (n = {pt.n}, u = {unit_roundoff(pt.dtype):.1e} ({name}){pt.low})"
                   + ("" if rem <= STATIONARY_SHARE * 2 * gamma else
                      f"; NOT stationary: remainder above {STATIONARY_SHARE:g} x 2 gamma, so inconclusive"))
         hvps = pt.n_hvp
