@@ -2,9 +2,11 @@
 
 Why these choices:
 
-* Full reorthogonalisation (two passes of classical Gram–Schmidt, "twice is enough"): without it,
-  converged Ritz values reappear as spurious copies (hessian-eigenthings returns repeated λ1 that way,
-  see shared/peers.md). It costs O(m·dim) per step, nothing next to an HVP on the models we study.
+* Full reorthogonalisation (classical Gram–Schmidt, with the second pass of "twice is enough" only where
+  the first cancelled: `backend.REORTH_ETA`): without it, converged Ritz values reappear as spurious
+  copies (hessian-eigenthings returns repeated λ1 that way). It costs O(m·dim) per step: nothing next to
+  an HVP on small models, but at 2·10⁷ parameters a pass over the basis costs about half an HVP, so a
+  step's remainder (already nearly orthogonal to the basis) gets one pass, not two.
 * True residuals at no HVP cost: we keep W = H Q, the matvec outputs we compute anyway, so for a Ritz
   vector y = Q s, H y = W s exactly and ‖H y − θ y‖ is measured, not estimated. The cheap estimate
   β_m |s_m| is only used to decide when the exact check is worth doing.
