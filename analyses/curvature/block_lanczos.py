@@ -12,7 +12,8 @@ Choices (why):
 * The projected matrix is the *exact* Rayleigh quotient T = Qᵀ H Q, assembled from Qᵀ W (W = H Q
   kept, see `backend.py`), not the recurrence coefficients. So T stays correct through deflation and
   random replacement of columns, where the textbook block-tridiagonal form would need bookkeeping.
-* Full reorthogonalisation, two passes of block classical Gram–Schmidt against the whole basis: in
+* Full reorthogonalisation, block classical Gram–Schmidt against the whole basis (a second pass where a
+  column cancelled in the first, `backend.REORTH_ETA`): in
   block Lanczos loss of orthogonality shows up as spurious multiplicities, exactly what we measure.
 * Rank-revealing orthonormalisation of the residual block (eigen-decomposition of its Gram matrix,
   done twice): a direction with norm ≤ break_tol·‖T‖ means the block Krylov space is (nearly)
