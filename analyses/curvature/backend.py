@@ -138,9 +138,12 @@ class KrylovBackend(ABC):
         cancelled (`REORTH_ETA`)."""
         if self.m == 0:
             return X
-        before = np.sqrt(np.maximum(np.diag(self.gram(X, X)), 0.0))
+        def norms(Y):
+            return np.sqrt(np.maximum(np.diag(self.gram(Y, Y)), 0.0))
+
+        before = norms(X)
         X = self.subtract_basis(X, self.project(X))
-        if np.all(np.sqrt(np.maximum(np.diag(self.gram(X, X)), 0.0)) >= REORTH_ETA * before):
+        if np.all(norms(X) >= REORTH_ETA * before):
             return X
         return self.subtract_basis(X, self.project(X))
 
@@ -246,19 +249,23 @@ class LocalBackend(KrylovBackend):
     # Local overrides of the generic helpers: the same arithmetic without the numpy round trips of the
     # coefficients (on small models these conversions were ~1/3 of a Lanczos step's own cost).
     def orthogonalise(self, X: Tensor) -> Tensor:
+        return self._orthogonalise(X)[0]
+
+    def _orthogonalise(self, X: Tensor) -> tuple[Tensor, np.ndarray | None]:
+        """X without its basis components, and its column norms when the single pass left them known."""
         if self._m == 0:
-            return X
+            return X, None
         Q = self.Q
-        X2 = X[:, None] if X.dim() == 1 else X
-        before = np.array([column_norms(X2[:, j])[0] for j in range(X2.shape[1])])
+        before = column_norms(X)
         for npass in range(2):  # classical Gram–Schmidt, a second pass only where the first cancelled
             # coefficients accumulated in float64 (`dot64`): float32 gemv loses orthogonality on
             # localised vectors; the subtraction is elementwise, rounded per entry, so float32 is fine
             X = torch.addmm(X, Q.T, dot64(Q, X).to(X.dtype), alpha=-1.0)
-            X2 = X[:, None] if X.dim() == 1 else X
-            if npass == 0 and all(column_norms(X2[:, j])[0] >= REORTH_ETA * before[j] for j in range(X2.shape[1])):
-                break
-        return X
+            if npass == 0:
+                after = column_norms(X)
+                if np.all(after >= REORTH_ETA * before):
+                    return X, after
+        return X, None
 
     def norm(self, x: Tensor) -> float:
         return float(column_norms(x)[0])  # torch.linalg.norm in float32: −8e-4 relative at dim = 2·10⁷
@@ -272,8 +279,8 @@ class LocalBackend(KrylovBackend):
         r = torch.add(w, q, alpha=-alpha)
         if q_prev is not None:
             r.add_(q_prev, alpha=-beta_prev)
-        r = self.orthogonalise(r)
-        return r, alpha, self.norm(r)
+        r, norms = self._orthogonalise(r)
+        return r, alpha, float(norms[0]) if norms is not None else self.norm(r)  # the same column_norms value
 
     def subtract_basis(self, X: Tensor, C: np.ndarray) -> Tensor:
         return X - self.Q.T @ self._c(C)

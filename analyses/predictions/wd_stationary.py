@@ -25,9 +25,10 @@ known curvature. What this module measures, per verified family with symmetric l
   A point with |r| above 1% of 2γ is not stationary enough for the row to mean what it says:
   ``inconclusive``, with its ‖g_γ|_P‖ and r in the reason. So ``holds`` says two things: the symmetry is
   exact (a broken one adds ⟨ξ, ∇⟨g, Aθ⟩⟩/‖ξ‖², far above rounding) and the point is stationary (ρ is 2γ to
-  within |r| ≤ 1% of it; the rows' ``residual`` to 2γ is |ρ − 2γ|).
+  within |r| ≤ 1% of it).
 * the negative control: random directions on P with the generators' norms at the same point, against
-  the generators' prediction, with their own HVP's rounding added to the tolerance: a generic direction's curvature is not 2γ (``violated``), unless
+  the generators' prediction, with their own HVP's rounding added to the tolerance: a generic
+  direction's curvature is not 2γ (``violated``), unless
   the block is that flat everywhere (``inconclusive``: the check cannot tell them apart there).
 
 Families left out, and why: translations and affine families (ξ not linear in θ: H_γξ = γξ, a different
@@ -48,53 +49,28 @@ import torch
 
 from eqlab.analyses.curvature.functional import dot, norm
 from eqlab.analyses.identities import PASSES, unit_roundoff
-from eqlab.analyses.predictions._common import finding_verdict, to_critical_point
-from eqlab.analyses.predictions.flat_directions import DirectionProbe, _f, _Point
+from eqlab.analyses.predictions._common import to_critical_point
+from eqlab.analyses.predictions.flat_directions import DirectionFinding, DirectionProbe, _f, _Point
 from eqlab.analyses.transforms.continuous import GLFamily, ScaleFamily
 
 STATIONARY_SHARE = 1e-2  # remainder / 2γ above which the relaxed point does not count as stationary
 
 
 @dataclass
-class StationaryFinding:
-    transformation: str
-    family: str
-    control: bool
-    gamma: float
-    probes: list            # DirectionProbe per generator (rayleigh includes +γ, predicted = 2γ)
-    grad_norm: float        # ‖g_γ|_P‖ at the relaxed point
-    remainder: float        # max over probes of |⟨A²θ, g_γ⟩|/‖ξ‖²
-    lbfgs_iterations: int
-    dtype: str
-    n_hvp: int
-    tolerance_reason: str
+class StationaryFinding(DirectionFinding):
+    """`DirectionFinding`'s rows (statistic, prediction, worst probe over the probes' ρ(ξ) + γ and their
+    2γ − r) at a relaxed point, with how stationary that point is; its verdict needs stationarity."""
+    gamma: float = 0.0
+    grad_norm: float = 0.0  # ‖g_γ|_P‖ at the relaxed point
+    remainder: float = 0.0  # max over probes of |⟨A²θ, g_γ⟩|/‖ξ‖²
 
     @property
     def stationary(self) -> bool:
         return self.remainder <= STATIONARY_SHARE * 2 * self.gamma
 
     @property
-    def statistic(self) -> float:
-        return sum(p.rayleigh for p in self.probes) / len(self.probes)
-
-    @property
-    def prediction(self) -> float:
-        return sum(p.predicted for p in self.probes) / len(self.probes)
-
-    @property
-    def statistic_std(self) -> float:
-        m, xs = self.statistic, [p.rayleigh for p in self.probes]
-        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
-    @property
-    def worst(self) -> DirectionProbe:
-        return max(self.probes, key=lambda p: abs(p.rayleigh - p.predicted) / max(p.tolerance, 1e-300))
-
-    @property
     def verdict(self) -> str:
-        if not self.stationary:
-            return "inconclusive"
-        return finding_verdict(all(abs(p.rayleigh - p.predicted) <= p.tolerance for p in self.probes), self.control)
+        return super().verdict if self.stationary else "inconclusive"
 
 
 def _invariance(t) -> bool:
@@ -129,7 +105,7 @@ def symmetric_coeffs(t, gen: torch.Generator, theta) -> torch.Tensor:
 
 def relaxed_copy(model, loss, batch, params, gamma: float, max_iter: int, tol: float):
     """A float64 copy of ``model`` moved by L-BFGS over ``params`` only to a stationary point of
-    L + γ/2‖θ_P‖²; returns (copy, its ‖g_γ|_P‖, L-BFGS iterations allowed per restart)."""
+    L + γ/2‖θ_P‖²; returns (copy, its ‖g_γ|_P‖)."""
     m = copy.deepcopy(model)
     keep = set(params)
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
@@ -206,8 +182,8 @@ def wd_stationary_findings(model, loss, batch, transformations, gamma: float, pr
                   + ("" if rem <= STATIONARY_SHARE * 2 * gamma else
                      f"; NOT stationary: remainder above {STATIONARY_SHARE:g} x 2 gamma, so inconclusive"))
         hvps = pt.n_hvp
-        out.append(StationaryFinding(t.name, t.family, False, gamma, gens, gn, rem, lbfgs_iter, name, hvps, reason))
-        out.append(StationaryFinding(t.name, t.family, True, gamma, ctrls, gn, rem, lbfgs_iter, name, hvps,
+        out.append(StationaryFinding(t.name, t.family, False, gens, name, hvps, reason, gamma, gn, rem))
+        out.append(StationaryFinding(t.name, t.family, True, ctrls, name, hvps,
                                      reason + "; control: random directions on the same parameters, same norms, "
-                                     "plus their own HVP's rounding"))
+                                     "plus their own HVP's rounding", gamma, gn, rem))
     return out
