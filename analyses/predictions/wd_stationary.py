@@ -175,10 +175,13 @@ def wd_stationary_findings(model, loss, batch, transformations, gamma: float, pr
             rem = max(rem, r)
             ctrls.append(_control(pt, P, g, xn, gamma))
         name = str(dtype).replace("torch.", "")
+        how = "L-BFGS" if relax else "no relaxation"
+        size = sum(pt.theta[n].numel() for n in P)
         reason = (f"predicted 2 gamma - r, r = <A^2 theta, g_gamma>/||xi||^2 from the gradient (|r| <= "
-                  f"{rem:.2e} at the relaxed point: {rem / (2 * gamma):.1e} of 2 gamma; ||g_gamma|P|| = {gn:.2e} after {'L-BFGS' if relax else 'no relaxation'} over the "
-                  f"family's {sum(pt.theta[n].numel() for n in P)} parameters, gamma = {gamma:g}); tolerance 4 x gamma_n(u) x (||H xi||/||xi|| + kappa + gradient "
-                  f"terms): rounding of one HVP and of r (n = {pt.n}, u = {unit_roundoff(pt.dtype):.1e} ({name}){pt.low})"
+                  f"{rem:.2e} at the relaxed point: {rem / (2 * gamma):.1e} of 2 gamma; ||g_gamma|P|| = {gn:.2e} "
+                  f"after {how} over the family's {size} parameters, gamma = {gamma:g}); tolerance 4 x gamma_n(u) x "
+                  f"(||H xi||/||xi|| + kappa + gradient terms): rounding of one HVP and of r (n = {pt.n}, u = "
+                  f"{unit_roundoff(pt.dtype):.1e} ({name}){pt.low})"
                   + ("" if rem <= STATIONARY_SHARE * 2 * gamma else
                      f"; NOT stationary: remainder above {STATIONARY_SHARE:g} x 2 gamma, so inconclusive"))
         hvps = pt.n_hvp
