@@ -138,11 +138,33 @@ def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
         activity.set(spec.run_id, "train", "training")
         training.start()
         seen: set[int] = set()
+        ended = []  # set once training's end was handled (`finish_training`): its result is used once
+
+        def finish_training() -> Checkpoints | None:
+            """Training ended: raise its error, or verify and record the checkpoints not seen yet and
+            write the run row (`_finish`) before they are analysed: a rerun then knows training is done."""
+            ended.append(True)
+            activity.set(spec.run_id, "train", None)
+            if training.error is not None:
+                raise training.error
+            res = training.result
+            fresh = {s: d for s, d in res.checkpoints.items() if s not in seen}
+            bad = {s: why for s, d in fresh.items() if (why := ckpt.verify(d, thash)) is not None}
+            if bad:
+                raise RuntimeError(f"run {spec.run_id!r}: checkpoint(s) failed their manifest check after "
+                                   f"training: {bad}")
+            seen.update(fresh)
+            landed = _record(ctx, spec, fresh) if fresh else None
+            _finish(ctx, spec, res)
+            return landed
 
         def more() -> Checkpoints | None:
-            """Checkpoints landed since last asked, recorded; only while training (the last ones go
-            through `_finish` below, which writes the run row first)."""
-            fresh = _landed(run_dir, spec, thash, seen) if training.is_alive() else {}
+            """Checkpoints landed since last asked, recorded. Once training has ended, the rest of them
+            after the run row (`finish_training`): a pool still open takes them in instead of a second
+            pool being opened for them."""
+            if not training.is_alive():
+                return None if ended else finish_training()
+            fresh = _landed(run_dir, spec, thash, seen)
             if not fresh:
                 return None
             seen.update(fresh)
@@ -154,18 +176,10 @@ def run_one(ctx: StageContext, spec: RunSpec, activity: Activity) -> None:
                 _analyse(run_ctx, spec, ck, activity, more)
             else:
                 interrupt.sleep(POLL_S)
-        activity.set(spec.run_id, "train", None)
-        if training.error is not None:
-            raise training.error
-        res = training.result
-        fresh = {s: d for s, d in res.checkpoints.items() if s not in seen}
-        bad = {s: why for s, d in fresh.items() if (why := ckpt.verify(d, thash)) is not None}
-        if bad:
-            raise RuntimeError(f"run {spec.run_id!r}: checkpoint(s) failed their manifest check after training: {bad}")
-        ck = _record(ctx, spec, fresh) if fresh else None
-        _finish(ctx, spec, res)  # before the last analyses: a rerun then knows training is complete
-        if ck is not None:
-            _analyse(ctx, spec, ck, activity)
+        if not ended:
+            ck = finish_training()
+            if ck is not None:
+                _analyse(ctx, spec, ck, activity)
     finally:
         activity.done(spec.run_id)
 
