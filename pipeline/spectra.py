@@ -136,6 +136,17 @@ class HessianShardCore:
         self.method, self.conv = self.op.method, self.op.conv
         return self.op.dim
 
+    def restrict(self, names) -> int:
+        """Products of the Hessian block of ``names`` (None: every parameter) from now on, at the weights
+        loaded (block spectra: `pipeline/block_spectra.py`); the product method chosen stays."""
+        with self.lock:
+            self.names = names
+            return self._load(None)
+
+    def layer_blocks(self) -> dict[str, list[str]]:
+        from eqlab.pipeline.block_spectra import layer_blocks
+        return layer_blocks(self.model)
+
     def where(self) -> dict:
         """The device this replica computes on, the resources Ray assigned it, and on a GPU its name and
         peak allocated memory (what a test and bench/gpu_check.py read back)."""
@@ -177,6 +188,7 @@ class ShardedHessian:
         check_gpus(num_gpus, workers, "Hessian pool")
         self.source, self.workers, self.dtype = source, workers, dtype
         self.cpus_per_worker, self.names, self.num_gpus = cpus_per_worker, names, num_gpus
+        self.names_now = names  # the parameters products are over now (`restrict`); a replacement gets them
         self.threads = max(1, int(cpus_per_worker)) if threads is None else threads
         self.actors = [self._spawn(i) for i in range(workers)]
         self.state = None
@@ -187,7 +199,7 @@ class ShardedHessian:
     def _spawn(self, i: int):
         return HessianShard.options(num_cpus=self.cpus_per_worker, num_gpus=self.num_gpus,
                                     runtime_env={"env_vars": ONE_ARENA_ENV}).remote(
-            self.source, i, self.workers, self.dtype, self.threads, self.names)
+            self.source, i, self.workers, self.dtype, self.threads, self.names_now)
 
     def where(self) -> list[dict]:
         """Each actor's device and assigned resources (`HessianShardCore.where`)."""
@@ -225,6 +237,16 @@ class ShardedHessian:
         if self.use_channel and self.channel is None:
             self._open_channel()
         return dims[0]
+
+    def restrict(self, names=None) -> int:
+        """Products of the Hessian block of ``names`` from now on (None: the pool's own parameters again),
+        at the weights loaded; returns the block's dimension."""
+        self.names_now = self.names if names is None else names
+        return self._call("restrict", self.names_now)[0]
+
+    def layer_blocks(self) -> dict[str, list[str]]:
+        """The model's parameters grouped by owning module (`block_spectra.layer_blocks`), from an actor."""
+        return self._call("layer_blocks")[0]
 
     def _open_channel(self) -> None:
         """Connect to every actor over a same-node socket; stay on Ray if any actor is elsewhere."""

@@ -1,9 +1,14 @@
-"""The spectra stage: top-k Lanczos (tables `spectra`, `lanczos`) and the SLQ density (`densities`) of
-each checkpoint's Hessian, on one data-parallel actor pool per run (`pipeline/spectra.py`).
+"""The spectra stage: top-k Lanczos (tables `spectra`, `lanczos`), the SLQ density (`densities`) and
+every layer block's top eigenvalues (`block_spectra`) of each checkpoint's Hessian, on one data-parallel
+actor pool per run (`pipeline/spectra.py`; blocks: `pipeline/block_spectra.py`).
 
-Two outputs with their own settings, so editing density_steps recomputes only `densities`."""
+One pool for the three: every actor is a fresh process that imports torch and builds the model (seconds
+of CPU each on a small machine), and a second pool could not start beside the first anyway (it holds
+the run's analysis CPUs). Three outputs with their own settings, so editing density_steps recomputes
+only `densities`."""
 from __future__ import annotations
 
+from eqlab.pipeline.block_spectra import block_rows, block_settings
 from eqlab.pipeline.spectra import FamilySource, ShardedHessian, density_rows, spectrum_rows
 from eqlab.pipeline.stage import Output, PoolStage, task_sizes
 from eqlab.pipeline.study import Study
@@ -30,11 +35,12 @@ def density_settings(study: Study) -> dict:
 
 TOP = Output("spectra", ("spectra", "lanczos"), top_settings)
 DENSITY = Output("densities", ("densities",), density_settings, enabled=lambda study: study.spectra.density_probes > 0)
+BLOCKS = Output("block_spectra", ("block_spectra",), block_settings, enabled=lambda study: study.spectra.block_top_k > 0)
 
 
 class SpectraStage(PoolStage):
     name, label = "spectra", "spectra"
-    outputs = (TOP, DENSITY)
+    outputs = (TOP, DENSITY, BLOCKS)
 
     def open(self, ctx, spec):
         sp = ctx.study.spectra
@@ -52,6 +58,14 @@ class SpectraStage(PoolStage):
             ctx.log(f"[spectra] {spec.run_id}: step {step}: top-{sp.top_k} [{lam}] in {rows[0]['hvps']} HVPs "
                     f"on {pool.workers} actor(s) ({rows[0]['seconds']:.1f}s)")
             return {"lanczos": [tri], "spectra": rows}
+        if out is BLOCKS:
+            rows = [{**r, "dtype": sp.dtype} for r in block_rows(pool, state, k=sp.block_top_k, tol=sp.tol,
+                                                                  max_iter=sp.max_iter, seed=seed)]
+            top = max(rows, key=lambda r: r["eigenvalue"])
+            ctx.log(f"[blocks] {spec.run_id}: step {step}: {len({r['block'] for r in rows})} blocks, sharpest "
+                    f"{top['block']} ({top['eigenvalue']:.4g}), {sum(r['hvps'] for r in rows if r['rank'] == 0)} "
+                    f"block HVPs ({sum(r['seconds'] for r in rows if r['rank'] == 0):.1f}s)")
+            return {"block_spectra": rows}
         rows = density_rows(pool, state, sp.density_probes, sp.density_steps, seed=seed)
         ctx.log(f"[density] {spec.run_id}: step {step}: SLQ {len(rows)} probes x {len(rows[0]['alphas'])} "
                 f"steps ({sum(r['hvps'] for r in rows)} HVPs, {rows[0]['seconds']:.1f}s)")

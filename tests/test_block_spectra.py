@@ -1,4 +1,5 @@
-"""Per-block spectra on Ray actors (each owns whole blocks, all the data) against dense sub-block eigh."""
+"""Per-block spectra on a Hessian pool (each block's products summed over the actors' data shards)
+against dense sub-block eigh."""
 import numpy as np
 import torch
 
@@ -7,18 +8,12 @@ from eqlab.analyses.curvature.operator import HessianOperator
 from eqlab.analyses.curvature.params import ParamSpace
 from eqlab.analyses.identities import chain_length, rounding_bound, unit_roundoff
 from eqlab.models import build_task
-from eqlab.pipeline.block_spectra import assign, block_spectra, layer_blocks
+from eqlab.pipeline.block_spectra import block_spectra, layer_blocks
 from eqlab.pipeline.spectra import FamilySource, hessian_batches
 
 CNN = {"channels": [2, 3], "hidden": 6, "bn_eps": 1e-12}
 SOURCE = FamilySource("digits_cnn", CNN, 0, 64, 32)
 TOL = 1e-10
-
-
-def test_assign_balances_by_size():
-    plan = assign({"a": 10, "b": 7, "c": 5, "d": 4}, 2)
-    assert plan == [["a", "d"], ["b", "c"]]
-    assert assign({"a": 1}, 3) == [["a"], [], []]
 
 
 def test_block_spectra_match_dense_sub_blocks(ray_cluster):
@@ -41,7 +36,7 @@ def test_block_spectra_match_dense_sub_blocks(ray_cluster):
         exact = spectrum[::-1][:2]
         got = np.array([r["eigenvalue"] for r in rows if r["block"] == block])
         # Lanczos rule: ‖Hv − θv‖ ≤ TOL·max|θ| ≤ TOL·‖H_bb‖₂, so |θ − λ| ≤ that (Bauer–Fike, symmetric);
-        # float64: the actors' HVPs and the dense H are each 4 passes of n-term sums (≤ 4γ_n‖H_bb‖_F apart
+        # float64: the pool's HVPs and the dense H are each 4 passes of n-term sums (≤ 4γ_n‖H_bb‖_F apart
         # from exact), eigvalsh is backward stable (≤ dim·u‖H_bb‖_F)
         h2, hf = float(np.abs(spectrum).max()), float(Hb.norm())
         bound = TOL * h2 + (2 * rounding_bound(n, passes=4) + len(idx) * unit_roundoff(torch.float64)) * hf

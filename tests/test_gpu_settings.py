@@ -147,7 +147,6 @@ def test_pool_actors_get_the_requested_resources_and_compute_on_the_cpu_here(ray
     (Ray would leave it pending for ever); on a cluster with GPUs the same request lands on CUDA."""
     import ray
 
-    from eqlab.pipeline.block_spectra import BlockSpectraPool
     from eqlab.pipeline.spectra import FamilySource, ShardedHessian
 
     source = FamilySource(*SOURCE_ARGS)
@@ -158,17 +157,9 @@ def test_pool_actors_get_the_requested_resources_and_compute_on_the_cpu_here(ray
         pool.shutdown()
     assert [w["device"] for w in where] == ["cpu", "cpu"] and all(w["gpu_ids"] == [] for w in where)
     assert all(w["resources"] == {"CPU": 0.5} for w in where), where  # the request Ray granted, no GPU key
-    blocks = BlockSpectraPool(source, workers=1, dtype="float64", cpus_per_worker=0.5)
-    try:
-        [bw] = blocks.where()
-    finally:
-        blocks.shutdown()
-    assert bw["device"] == "cpu" and bw["resources"] == {"CPU": 0.5}
     if ray.cluster_resources().get("GPU", 0) == 0:
         with pytest.raises(RuntimeError, match="asking for 0.5 GPU each, but the Ray cluster has 0 GPUs"):
             ShardedHessian(source, workers=1, num_gpus=0.5, channel=False)
-        with pytest.raises(RuntimeError, match="block spectra pool: 1 actor"):
-            BlockSpectraPool(source, workers=1, num_gpus=0.5)
     else:  # a machine with a GPU: the request is granted and the model moves there
         pool = ShardedHessian(source, workers=1, num_gpus=0.5, channel=False)
         try:

@@ -1,12 +1,12 @@
 """A run's first pool stage takes in the checkpoints that land while it runs (`stage.run_stages`' ``more``):
-its actors are opened once for all of them, and every later stage sees them. Real Ray actors, real
-HVPs, real Parquet rows read back."""
+its actors are opened once for all of them (spectra, density and block spectra alike), and every later
+stage sees them. Real Ray actors, real HVPs, real Parquet rows read back."""
 import torch
 
 from eqlab.models import build_task
 from eqlab.pipeline import checkpoint as ckpt
 from eqlab.pipeline import store
-from eqlab.pipeline.block_spectra import BlockSpectraStage
+from eqlab.pipeline.identities import IdentityStage
 from eqlab.pipeline.spectra_stage import SpectraStage
 from eqlab.pipeline.stage import Checkpoints, StageContext, run_stages
 from eqlab.pipeline.study import parse_study
@@ -27,7 +27,7 @@ def _counting(base):
         def __init__(self):
             self.opens, self.given_more = 0, []
 
-        def open(self, ctx, spec):
+        def open(self, ctx, spec):  # a pool stage's only
             self.opens += 1
             return super().open(ctx, spec)
 
@@ -60,16 +60,17 @@ def test_first_pool_stage_takes_in_landed_checkpoints_with_one_pool_open(ray_clu
         asked.append(len(waiting))
         return waiting.pop() if waiting else None
 
-    spectra, blocks = _counting(SpectraStage), _counting(BlockSpectraStage)
+    spectra, identities = _counting(SpectraStage), _counting(IdentityStage)
     ck = Checkpoints(dict(first.steps), dict(first.keys))
-    run_stages((spectra, blocks), ctx, spec, ck, more=more)
+    run_stages((spectra, identities), ctx, spec, ck, more=more)
     assert asked == [1, 0]  # asked after step 0, took step 2 in, asked again after it: nothing more
-    assert spectra.opens == 1 and blocks.opens == 1
-    assert spectra.given_more == [True] and blocks.given_more == [False]  # only the first stage absorbs
+    assert spectra.opens == 1  # one pool for both steps, blocks included
+    assert spectra.given_more == [True] and identities.given_more == [False]  # only the first stage absorbs
     assert sorted(ck.steps) == [0, 2]
     for table in ("spectra", "block_spectra"):
         tops = {s: store.read_key(ctx.results, table, "cnn", s).column("eigenvalue")[0].as_py() for s in (0, 2)}
         assert tops[0] != tops[2], (table, tops)  # each step's own weights were loaded
+    assert all(store.has_rows(ctx.results, "identities", "cnn", s) for s in (0, 2))  # the later stage saw step 2
 
 
 def test_without_more_a_stage_computes_only_what_it_was_given(ray_cluster, tmp_path):
