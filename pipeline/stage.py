@@ -66,6 +66,9 @@ class StageContext:
     inject: dict = field(default_factory=dict)
     share: RunShare | None = None
     training: Callable[[], bool] = lambda: False
+    # pools opened before their stage first runs ({stage name: pool}, `PoolStage.prepare`); each is used
+    # by its stage's next run, and whoever prepared them shuts down what is left unused (`close_prepared`)
+    prepared: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.share is None:
@@ -80,6 +83,10 @@ class StageContext:
 
     def write(self, spec: RunSpec, step: int, table: str, rows: list[dict], key: str) -> None:
         store.write_rows(self.results, table, spec.run_id, step, rows, self.study.name, self.study.hash, key)
+
+    def close_prepared(self) -> None:
+        while self.prepared:
+            self.prepared.popitem()[1].shutdown()
 
 
 class Stage:
@@ -157,6 +164,12 @@ class PoolStage(Stage):
     def open(self, ctx: StageContext, spec: RunSpec):
         raise NotImplementedError
 
+    def prepare(self, ctx: StageContext, spec: RunSpec) -> None:
+        """Open the pool now, for this stage's next run on ``ctx``: its actors start (a process each,
+        importing torch and building the model) while training starts, not after the first checkpoint."""
+        if self.name not in ctx.prepared:
+            ctx.prepared[self.name] = self.open(ctx, spec)
+
     def compute(self, ctx: StageContext, pool, spec: RunSpec, step: int, state: dict, out: Output) -> dict:
         raise NotImplementedError
 
@@ -164,7 +177,7 @@ class PoolStage(Stage):
         """Before closing the pool, take in the checkpoints that landed meanwhile (``more``): a run that
         analyses while it trains then opens its pools once for all of them instead of once per batch
         (every actor is a fresh process that imports torch: seconds of CPU each on a small machine)."""
-        pool = self.open(ctx, spec)
+        pool = ctx.prepared.pop(self.name, None) or self.open(ctx, spec)
         try:
             while todo:
                 for s, outs in todo.items():
@@ -199,6 +212,8 @@ def run_stages(stages, ctx: StageContext, spec: RunSpec, ck: Checkpoints, on_sta
         on_stage(stage.label)
         todo = stage.todo(ctx, spec, ck)
         if not todo:
+            if stage.name in ctx.prepared:  # its CPUs are the run's analysis share: the next stage needs them
+                ctx.prepared.pop(stage.name).shutdown()
             if any(o.enabled(ctx.study) for o in stage.outputs):
                 ctx.log(f"[{stage.name}] {spec.run_id}: all checkpoints done, skipping")
             continue

@@ -82,3 +82,30 @@ def test_without_more_a_stage_computes_only_what_it_was_given(ray_cluster, tmp_p
     run_stages((spectra,), ctx, study.runs[0], _checkpoint(tmp_path, 0, 1.0))
     assert spectra.opens == 1 and spectra.given_more == [False]
     assert store.has_rows(ctx.results, "spectra", "cnn", 0) and not store.has_rows(ctx.results, "spectra", "cnn", 2)
+
+
+def test_a_prepared_pool_serves_the_next_run_and_is_shut_when_nothing_needs_it(ray_cluster, tmp_path):
+    """`PoolStage.prepare` (a run alone in flight opens its pool as training starts): the stage's next
+    run uses that pool instead of opening one; a prepared pool with no work left is shut before the
+    next stage, whose tasks need the CPUs it holds (kept open, they would wait for ever)."""
+    import pytest
+    import ray
+    from ray.exceptions import RayActorError
+
+    study = parse_study(STUDY)
+    spec = study.runs[0]
+    ctx = StageContext(study, tmp_path / "r", lambda *_: None)
+    ck = _checkpoint(tmp_path, 0, 1.0)
+    spectra = _counting(SpectraStage)
+    spectra.prepare(ctx, spec)
+    assert spectra.opens == 1 and "spectra" in ctx.prepared
+    run_stages((spectra,), ctx, spec, ck)
+    assert spectra.opens == 1 and not ctx.prepared  # the prepared pool did the work
+    assert store.has_rows(ctx.results, "spectra", "cnn", 0) and store.has_rows(ctx.results, "block_spectra", "cnn", 0)
+
+    spectra.prepare(ctx, spec)  # step 0 is done: this pool finds nothing to do
+    idle = ctx.prepared["spectra"]
+    run_stages((spectra,), ctx, spec, ck)
+    assert spectra.opens == 2 and not ctx.prepared
+    with pytest.raises(RayActorError):
+        ray.get(idle.actors[0].where.remote(), timeout=60)
