@@ -18,11 +18,11 @@ import psutil
 import pytest
 
 from eqlab.pipeline import store
-from tiny_study import tiny_study
+from tiny_study import LIGHT, tiny_study
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / eqlab
-STUDY = tiny_study("recipe")
+STUDY = tiny_study("recipe", findings=LIGHT)
 
 
 def recipe() -> list[str]:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from test_cluster_recipe import end_processes, free_port
-from tiny_study import tiny_study
+from tiny_study import LIGHT, tiny_study
 
 BIN = Path(sys.executable).parent
 
@@ -28,7 +28,7 @@ def test_submit_status_logs_and_query(tmp_path):
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
     address = f"http://127.0.0.1:{dash}"
-    (tmp_path / "study.toml").write_text(tiny_study("submitted"))
+    (tmp_path / "study.toml").write_text(tiny_study("submitted", findings=LIGHT))
     try:
         # this head's own token, never ~/.ray/auth_token (other sessions' heads use that one)
         token = tmp_path / "token"

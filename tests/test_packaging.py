@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tiny_study import tiny_study
+from tiny_study import LIGHT, tiny_study
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("pipeline", "analyses", "models", "eqlab")
@@ -47,7 +47,7 @@ def test_a_study_runs_from_a_folder_with_the_users_own_models_and_pipeline(tmp_p
     for name in BARE:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
-    (tmp_path / "study.toml").write_text(tiny_study("shadow"))
+    (tmp_path / "study.toml").write_text(tiny_study("shadow", findings=LIGHT))
     # `-m` puts the working directory first on the driver's sys.path; Ray puts it on the workers'
     out = subprocess.run([sys.executable, "-m", "eqlab.pipeline.cli", "run", "study.toml", "--results", "results"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
