@@ -6,7 +6,8 @@ checkpoint as a Ray task (identities, conservation); `PoolStage` opens a pool of
 batch of checkpoints and feeds it them in turn (spectra, density, block spectra), because its setup (model
 replicas, HVP graphs) costs more than one checkpoint's work. A run analysed after training is one batch;
 one analysed while it trains gets a batch per poll that found checkpoints, and its first stage takes
-in those that land while it runs (`run_stages`' ``more``). Adding a stage is one module that declares a
+in those that land while it runs (`run_stages`' ``more``), the last ones as training ends included. A
+run alone in flight opens that stage's pool as training starts (`PoolStage.prepare`). Adding a stage is one module that declares a
 ``STAGE`` plus its schema, listed in `pipeline/stages.py`.
 
 Keys: every row carries hash(stage output, the checkpoint's key, the output's settings); a checkpoint is
