@@ -3,12 +3,12 @@
 A stage names its outputs (the tables it writes per (run, step), and the study settings those rows
 depend on), which checkpoints it wants, and how it computes: `TaskStage` runs one pure function per
 checkpoint as a Ray task (identities, conservation); `PoolStage` opens a pool of Ray actors once per
-batch of checkpoints and feeds it them in turn (spectra, density, block spectra), because its setup (model
-replicas, HVP graphs) costs more than one checkpoint's work. A run analysed after training is one batch;
+batch of checkpoints and feeds it them in turn (spectra, density, block spectra), because its setup
+(model replicas, HVP graphs) costs more than one checkpoint's work. A run analysed after training is one batch;
 one analysed while it trains gets a batch per poll that found checkpoints, and its first stage takes
 in those that land while it runs (`run_stages`' ``more``), the last ones as training ends included. A
-run alone in flight opens that stage's pool as training starts (`PoolStage.prepare`). Adding a stage is one module that declares a
-``STAGE`` plus its schema, listed in `pipeline/stages.py`.
+run alone in flight opens that stage's pool as training starts (`PoolStage.prepare`). Adding a stage is
+one module that declares a ``STAGE`` plus its schema, listed in `pipeline/stages.py`.
 
 Keys: every row carries hash(stage output, the checkpoint's key, the output's settings); a checkpoint is
 done for an output when all its tables hold a readable file with that hash (`store.has_rows`). So an
